@@ -1,0 +1,23 @@
+"""trimformer: compute only the tokens that matter, inside stock Hugging Face models."""
+
+from .api import is_trimmed, stats, trim, untrim
+from .config import TrimConfig
+from .errors import ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedModelError
+from .loading import load_model
+from .methods import METHODS
+
+__all__ = [
+    "METHODS",
+    "ConfigError",
+    "InputError",
+    "ModelLoadError",
+    "TrimConfig",
+    "TrimformerError",
+    "UnsupportedModelError",
+    "is_trimmed",
+    "load_model",
+    "stats",
+    "trim",
+    "untrim",
+]
+__version__ = "0.1.0"

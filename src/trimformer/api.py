@@ -1,0 +1,98 @@
+"""The public entry points: `trim`, `untrim`, `stats`, `is_trimmed`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import TrimConfig
+from .errors import TrimformerError, UnsupportedModelError
+from .flops import prefill_flops
+from .methods import get_method
+from .models import patch_for
+
+PATCH_ATTR = "_trimformer_patch"
+
+
+def trim(model: torch.nn.Module, config: TrimConfig | dict | str | None = None, /, **options: Any) -> torch.nn.Module:
+    """Patch `model` in place so its forward prunes tokens layer by layer; return it.
+
+    ``trim(model, method="lazy", keep=0.5)``, ``trim(model, TrimConfig(...))`` or
+    ``trim(model, {"method": "lazy", "reduction_ratio": 0.5, "adaptive": True})``.
+    On any error the model is left exactly as it was.
+    """
+    cfg = TrimConfig.coerce(config, options)
+    method = get_method(cfg.method)
+    layers = _decoder_layers(model)
+    plan = cfg.resolve_schedule(len(layers))
+    patch = patch_for(model, cfg, method, plan)
+    previous = getattr(model, PATCH_ATTR, None)
+    if previous is not None:
+        untrim(model)
+    patch.install()
+    setattr(model, PATCH_ATTR, patch)
+    return model
+
+
+def untrim(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove every trimformer hook and setting: the model behaves exactly as before `trim`."""
+    patch = getattr(model, PATCH_ATTR, None)
+    if patch is None:
+        raise TrimformerError("this model is not trimmed; call trim(model, ...) first")
+    patch.remove()
+    delattr(model, PATCH_ATTR)
+    return model
+
+
+def is_trimmed(model: torch.nn.Module) -> bool:
+    return getattr(model, PATCH_ATTR, None) is not None
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """What the last prefill (and the decoding after it) kept, per layer and overall.
+
+    Keys: ``method``, ``schedule``, ``prompt_tokens`` (per row), ``kept_tokens_per_layer`` (summed
+    over rows), ``kept_fraction`` (share of token-layer computations done), ``revived_per_layer``,
+    ``revived``, ``waiting_in_aux``, ``dropped_for_good``, ``decode_steps``, ``flops_full``,
+    ``flops_trimmed``, ``flop_ratio`` (full / trimmed).
+    """
+    patch = getattr(model, PATCH_ATTR, None)
+    if patch is None:
+        raise TrimformerError("this model is not trimmed; call trim(model, ...) first")
+    state = patch.state
+    if state is None:
+        raise TrimformerError("no forward has run since trim(); stats describe the last prefill")
+    lengths = [int(n) for n in state.prompt_lengths]
+    computed = state.computed                                  # (L, B)
+    full_rows = [lengths for _ in range(state.num_layers)]
+    done = int(computed.sum())
+    total = sum(lengths) * state.num_layers
+    flops_full = prefill_flops(model.config, full_rows)
+    flops_trimmed = prefill_flops(model.config, computed.tolist())
+    return {
+        "method": patch.config.method,
+        "schedule": dict(patch.plan),
+        "prompt_tokens": lengths,
+        "kept_tokens_per_layer": computed.sum(-1).tolist(),
+        "kept_fraction": done / total if total else 1.0,
+        "revived_per_layer": list(state.revived),
+        "revived": int(sum(state.revived)),
+        "waiting_in_aux": state.waiting_in_aux() if patch.revive else 0,
+        "dropped_for_good": state.dropped_for_good,
+        "decode_steps": state.steps,
+        "flops_full": flops_full,
+        "flops_trimmed": flops_trimmed,
+        "flop_ratio": flops_full / flops_trimmed if flops_trimmed else 1.0,
+    }
+
+
+def _decoder_layers(model: torch.nn.Module):
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"trimformer has no adapter for {type(model).__name__}: expected a *ForCausalLM of the "
+            "Llama family (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)"
+        )
+    return layers

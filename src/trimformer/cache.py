@@ -1,0 +1,65 @@
+"""Bookkeeping that travels with a KV cache: which original position each cache slot holds (per layer),
+the aux cache of pruned tokens' hidden states, and the counters behind `stats`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerSlots:
+    """What one layer's KV cache holds, slot by slot (slot order = order of the cache tensors)."""
+
+    positions: torch.Tensor  # (B, K) long: original position of each slot
+    valid: torch.Tensor      # (B, K) bool: False for padding and filler slots (always masked)
+
+    def extend(self, positions: torch.Tensor, valid: torch.Tensor) -> "LayerSlots":
+        return LayerSlots(torch.cat([self.positions, positions], 1), torch.cat([self.valid, valid], 1))
+
+
+@dataclass
+class AuxEntry:
+    """Tokens dropped after one layer: their hidden states wait here until decoding revives them."""
+
+    hidden: torch.Tensor     # (B, N, D) output of the layer they were dropped after
+    positions: torch.Tensor  # (B, N) original positions
+    slots: torch.Tensor      # (B, N) their slot index in that layer's KV cache
+    source: torch.Tensor     # (B, N) their index in the prompt as given (for outputs)
+    waiting: torch.Tensor    # (B, N) bool: still pruned (False once revived, or for filler)
+
+
+@dataclass
+class TrimState:
+    """Per-sequence state of a trimmed model, attached to the KV cache it describes."""
+
+    num_layers: int
+    prompt_lengths: torch.Tensor                        # (B,) real prompt tokens per row
+    slots: list[LayerSlots | None] = field(default_factory=list)
+    aux: dict[int, AuxEntry] = field(default_factory=dict)
+    computed: torch.Tensor | None = None                # (L, B) real prompt tokens each layer computed
+    revived: list[int] = field(default_factory=list)    # tokens revived into each layer while decoding
+    dropped_for_good: int = 0                           # tokens evicted with no way back (aux off)
+    steps: int = 0                                      # decoding forwards seen
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = [None] * self.num_layers
+        if self.computed is None:
+            self.computed = torch.zeros(self.num_layers, len(self.prompt_lengths), dtype=torch.long)
+        if not self.revived:
+            self.revived = [0] * self.num_layers
+
+    @classmethod
+    def for_untrimmed_cache(cls, num_layers: int, lengths: list[int], batch: int, device) -> "TrimState":
+        """State for a cache filled without trimformer: every slot valid, positions 0..K-1."""
+        state = cls(num_layers, torch.full((batch,), lengths[0], device=device))
+        for layer, k in enumerate(lengths):
+            pos = torch.arange(k, device=device).expand(batch, k)
+            state.slots[layer] = LayerSlots(pos, torch.ones(batch, k, dtype=torch.bool, device=device))
+        return state
+
+    def waiting_in_aux(self) -> int:
+        """Pruned tokens whose hidden states are still in the aux cache."""
+        return int(sum(int(entry.waiting.sum()) for entry in self.aux.values()))

@@ -1,0 +1,142 @@
+"""`TrimConfig`: what to prune, where, and how; validated with errors that say what is accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+POOLS = ("max", "mean")
+
+
+@dataclass
+class TrimConfig:
+    """Options of a trim. Every field has a default; `trim(model, method="lazy", keep=0.5)` sets a few.
+
+    Schedule: tokens are dropped *after* the layers named in `layers` (or the keys of `schedule`);
+    each stage keeps the share `keep` of the tokens still live (so k stages keep `keep**k`).
+    With no layers given, stages sit after 20%, 40%, 60% and 80% of the model's depth.
+    """
+
+    method: str = "lazy"
+    keep: float = 0.6                       # share of live tokens kept at each stage, in (0, 1]
+    layers: tuple[int, ...] | None = None   # prune after these layers (0-based); None = default stages
+    schedule: dict[int, float] | None = None  # explicit {layer: keep}; overrides `layers` and `keep`
+    window: int = 64                        # last queries whose attention scores the prompt
+    pool: str = "max"                       # how to pool attention over heads and window queries
+    span: int = 9                           # max-pool scores over this many neighbouring tokens (1 = off)
+    sinks: int = 4                          # first tokens of each row, never pruned
+    protect_last: int = 16                  # last tokens of each row, never pruned (the query, template)
+    adaptive: bool = False                  # keep the smallest set holding `mass` of the attention
+    mass: float = 0.9                       # attention mass kept per stage when adaptive
+    revive: bool | None = None              # bring pruned tokens back while decoding (None: the method decides)
+    revive_every: int = 1                   # decoding steps between revival checks
+    revive_threshold: float = 4.0           # revive a token whose attention is >= this x uniform
+    revive_max: int = 16                    # at most this many revivals per stage, row and step
+    seed: int = 0                           # for the random scorer
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (e.g. pruner path)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "TrimConfig":
+        """Build from a dict, accepting the token-optimizer form
+        ``{"method": "lazy", "reduction_ratio": 0.5, "adaptive": True}`` (keep = 1 - reduction_ratio)."""
+        options = dict(options)
+        if "reduction_ratio" in options:
+            ratio = options.pop("reduction_ratio")
+            if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+                raise ConfigError(f"reduction_ratio must be a number in [0, 1), got {ratio!r}")
+            if "keep" in options:
+                raise ConfigError("give either reduction_ratio or keep, not both")
+            options["keep"] = 1.0 - float(ratio)
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in options.items() if k in names}
+        extra = {k: v for k, v in options.items() if k not in names}
+        cfg = cls(**known)
+        cfg.extra = {**cfg.extra, **extra}
+        return cfg
+
+    @classmethod
+    def coerce(cls, config: "TrimConfig | dict | str | None", options: dict[str, Any]) -> "TrimConfig":
+        """Turn what `trim` was given (config object, dict, method name, keyword options) into a config."""
+        if isinstance(config, TrimConfig):
+            return dataclasses.replace(config, **options) if options else config
+        if isinstance(config, dict):
+            return cls.from_dict({**config, **options})
+        if isinstance(config, str):
+            return cls.from_dict({"method": config, **options})
+        if config is None:
+            return cls.from_dict(options)
+        raise ConfigError(
+            f"trim() takes a TrimConfig, a dict or a method name, got {type(config).__name__}"
+        )
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise `ConfigError` naming the field and what is accepted."""
+        _ratio("keep", self.keep)
+        if self.schedule is not None:
+            if not isinstance(self.schedule, dict) or not self.schedule:
+                raise ConfigError("schedule must be a non-empty dict {layer_index: keep_ratio}")
+            for layer, ratio in self.schedule.items():
+                _layer(layer)
+                _ratio(f"schedule[{layer}]", ratio)
+        if self.layers is not None:
+            for layer in self.layers:
+                _layer(layer)
+        _positive_int("window", self.window)
+        _positive_int("span", self.span)
+        if self.span % 2 == 0:
+            raise ConfigError(f"span must be odd (centred on the token), got {self.span}")
+        _positive_int("revive_every", self.revive_every)
+        for name in ("sinks", "protect_last", "revive_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.protect_last < 1:
+            raise ConfigError("protect_last must be >= 1: the token being predicted is never pruned")
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        _ratio("mass", self.mass)
+        if not isinstance(self.revive_threshold, (int, float)) or self.revive_threshold < 0:
+            raise ConfigError(f"revive_threshold must be a number >= 0, got {self.revive_threshold!r}")
+
+    def resolve_schedule(self, num_layers: int) -> dict[int, float]:
+        """The {layer: keep} plan for a model with `num_layers` layers (validated against it)."""
+        self.validate()
+        if self.schedule is not None:
+            plan = {int(k): float(v) for k, v in self.schedule.items()}
+        else:
+            layers = self.layers if self.layers is not None else default_layers(num_layers)
+            plan = {int(layer): float(self.keep) for layer in layers}
+        bad = sorted(layer for layer in plan if layer > num_layers - 2)
+        if bad:
+            raise ConfigError(
+                f"schedule names layer(s) {bad}, but this model has {num_layers} layers: "
+                f"prune after layers 0..{num_layers - 2} (pruning after the last layer saves nothing)"
+            )
+        return dict(sorted(plan.items()))
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Default stages: after 20%, 40%, 60% and 80% of the depth (layers 6, 12, 18, 24 of 30)."""
+    stages = sorted({max(0, min(num_layers - 2, math.floor(num_layers * f))) for f in (0.2, 0.4, 0.6, 0.8)})
+    return tuple(stages)
+
+
+def _ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a ratio in (0, 1], got {value!r}")
+
+
+def _layer(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"layer indices must be integers >= 0, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,86 @@
+"""The registry of pruning methods: each names a scorer and its defaults.
+
+A method's scorer turns a `ScoreInputs` into (B, K) importances; the per-layer machinery (where to
+prune, how to gather, the aux cache, revival) is shared by all methods and lives in `models/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+from .scoring import head_tail_scores, last_query_attention, random_scores, recency_scores
+
+
+@dataclass
+class ScoreInputs:
+    """Everything a scorer may read at a pruning stage (prefill), for the current live tokens."""
+
+    layer: int
+    positions: torch.Tensor       # (B, K) original positions of the live tokens
+    valid: torch.Tensor           # (B, K) bool
+    lengths: torch.Tensor         # (B,) real prompt length of each row
+    hidden: torch.Tensor          # (B, K, D) output of the layer
+    attention: torch.Tensor | None  # (B, K) pooled attention of the window queries, if the method asked
+    seed: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    score: Callable[[ScoreInputs], torch.Tensor]
+    needs_attention: bool      # ask the layer's attention wrapper for window-query scores
+    revive_default: bool       # bring tokens back while decoding unless the config says otherwise
+    span_pool: bool            # apply the config's span max-pooling to the scores
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+register(Method(
+    "lazy",
+    "LazyLLM: attention of the last queries, progressive per layer, aux cache with revival",
+    score=lambda s: s.attention,
+    needs_attention=True,
+    revive_default=True,
+    span_pool=True,
+))
+register(Method(
+    "random",
+    "baseline: the same schedule with a random choice of tokens",
+    score=lambda s: random_scores(tuple(s.positions.shape), s.seed + s.layer, s.positions.device),
+    needs_attention=False,
+    revive_default=False,
+    span_pool=False,
+))
+register(Method(
+    "static",
+    "baseline: attention sinks plus the most recent tokens (StreamingLLM-like)",
+    score=lambda s: recency_scores(s.positions),
+    needs_attention=False,
+    revive_default=False,
+    span_pool=False,
+))
+register(Method(
+    "truncate",
+    "baseline: keep the head and the tail of the prompt",
+    score=lambda s: head_tail_scores(s.positions, s.lengths),
+    needs_attention=False,
+    revive_default=False,
+    span_pool=False,
+))

@@ -1,0 +1,61 @@
+"""The one place trimformer touches transformers' attention dispatch.
+
+A model's attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. Trimming
+switches the config to ``"trimformer_<original>"``: a wrapper that runs the original kernel (SDPA,
+eager, ...) unchanged and, when the layer was handed a `Probe` through its keyword arguments, also
+scores tokens from the query and key tensors the layer already computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+PREFIX = "trimformer_"
+PROBE_KWARG = "trimformer_probe"
+
+
+@dataclass
+class Probe:
+    """A request to score tokens at one layer; the attention wrapper fills `scores`."""
+
+    scorer: Callable[..., torch.Tensor]   # (query, key, scaling) -> (B, K) scores
+    query_index: torch.Tensor             # (W,) which query rows of the layer to score with
+    scores: torch.Tensor | None = None    # (B, K) filled by the wrapper
+
+    def capture(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+        # query: (B, H, Q, hd), key: (B, Hkv, K, hd), both post-RoPE, key includes the cache
+        self.scores = self.scorer(query.index_select(2, self.query_index), key, module.scaling)
+
+
+def _wrap(original: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        probe: Probe | None = kwargs.pop(PROBE_KWARG, None)
+        if probe is not None:
+            with torch.no_grad():
+                probe.capture(module, query, key)
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(original, _eager())
+        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{original}"
+    return attention
+
+
+def _eager() -> Callable:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def wrapped_name(original: str | None) -> str:
+    """Register (once) and return the name of the wrapper around attention implementation `original`."""
+    original = original or "eager"
+    if original.startswith(PREFIX):
+        original = original[len(PREFIX):]
+    name = f"{PREFIX}{original}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _wrap(original))
+    return name

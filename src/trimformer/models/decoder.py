@@ -1,0 +1,363 @@
+"""Adapter for decoder-only Llama-family models (Llama, Qwen2, Mistral, SmolLM).
+
+It hooks the base model and each decoder layer; transformers' own forward runs unchanged. Per forward:
+
+* the base model's pre-hook fixes the original position and validity of every input token;
+* each layer's pre-hook gives the layer the mask, rotary embeddings and positions of the tokens still
+  live, and records which original position each of the layer's KV-cache slots holds;
+* at a pruning layer (prefill) the post-hook scores, selects and gathers the live tokens, and parks the
+  dropped ones' hidden states in the aux cache;
+* at a pruning layer (decoding) the post-hook revives aux tokens the new query attends to: they join
+  the live tokens and run through the remaining layers only, their keys entering the cache at their
+  original positions;
+* the base model's post-hook gives back one output per input token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import AuxEntry, LayerSlots, TrimState
+from ..config import TrimConfig
+from ..errors import InputError, UnsupportedModelError
+from ..methods import Method, ScoreInputs
+from ..policy import mass_counts, ratio_counts, select
+from ..scoring import last_query_attention, newest_query_attention, span_max_pool
+from .attention_hook import PROBE_KWARG, Probe, wrapped_name
+
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+STATE_ATTR = "_trimformer_state"
+
+
+@dataclass
+class _Live:
+    """The tokens flowing through the layers during one forward."""
+
+    positions: torch.Tensor   # (B, Q) original positions
+    valid: torch.Tensor       # (B, Q) bool
+    source: torch.Tensor      # (B, Q) index in the input sequence, -1 for revived tokens
+    cos: torch.Tensor         # (B, Q, hd) rotary embeddings at `positions`
+    sin: torch.Tensor         # (B, Q, hd)
+    n_input: int              # input tokens of this forward (revived tokens come after them)
+    prefill: bool
+    in_order: bool = True     # slots sorted by position with no past: the plain causal mask holds
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        self.positions = self.positions.gather(1, index)
+        self.source = self.source.gather(1, index)
+        self.cos = _gather_rows(self.cos, index)
+        self.sin = _gather_rows(self.sin, index)
+        self.valid = valid
+
+    def extend(self, positions, valid, cos, sin) -> None:
+        self.positions = torch.cat([self.positions, positions], 1)
+        self.valid = torch.cat([self.valid, valid], 1)
+        self.source = torch.cat([self.source, torch.full_like(positions, -1)], 1)
+        self.cos = torch.cat([self.cos, cos], 1)
+        self.sin = torch.cat([self.sin, sin], 1)
+        self.in_order = False
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, Q, D), index (B, K) -> (B, K, D)."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"trimformer has no adapter for {name}; supported decoder architectures: {', '.join(SUPPORTED)}"
+        )
+    config = model.config
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        name == "MistralForCausalLM" and getattr(config, "sliding_window", None)
+    ):
+        raise UnsupportedModelError(
+            f"{name} with sliding-window attention is not supported (its cache drops slots on its own); "
+            "use a config with sliding_window=None"
+        )
+
+
+class DecoderPatch:
+    """Hooks that make a Llama-family model prune tokens layer by layer; `remove` undoes them exactly."""
+
+    def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
+        check_supported(model)
+        self.model = model
+        self.base = model.model
+        self.config = config
+        self.method = method
+        self.plan = plan
+        self.revive = method.revive_default if config.revive is None else config.revive
+        self.num_layers = len(self.base.layers)
+        self.live: _Live | None = None
+        self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
+        self._handles: list = []
+        self._original_attn: str | None = None
+
+    # ---- install / remove --------------------------------------------------------------------
+    def install(self) -> None:
+        try:
+            self._handles.append(self.base.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            self._handles.append(self.base.register_forward_hook(self._on_end, with_kwargs=True))
+            for index, layer in enumerate(self.base.layers):
+                self._handles.append(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
+                if index in self.plan:
+                    self._handles.append(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
+            self._original_attn = self.model.config._attn_implementation
+            self.model.config._attn_implementation = wrapped_name(self._original_attn)
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._original_attn is not None:
+            self.model.config._attn_implementation = self._original_attn
+            self._original_attn = None
+        self.live = None
+
+    # ---- base model hooks --------------------------------------------------------------------
+    def _on_start(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        batch, length = ref.shape[0], ref.shape[1]
+        device = ref.device
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and mask2d.dim() != 2:
+            raise InputError(
+                f"a trimmed model takes a 2-D attention_mask (batch, length) of 0/1, got {mask2d.dim()}-D"
+            )
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if mask2d is not None:
+            valid = mask2d[:, -length:].bool()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            positions = position_ids.expand(batch, -1).long()
+        elif mask2d is not None:
+            positions = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            positions = torch.arange(past, past + length, device=device).expand(batch, -1)
+
+        prefill = past == 0
+        if prefill:
+            lengths = valid.sum(-1)
+            if self.plan:
+                protected = self.config.sinks + self.config.protect_last
+                short = int(lengths.min())
+                if short <= protected:
+                    raise InputError(
+                        f"a prompt of {short} tokens is not longer than the {protected} protected tokens "
+                        f"(sinks={self.config.sinks} + protect_last={self.config.protect_last}); "
+                        "give a longer prompt or lower sinks / protect_last"
+                    )
+            self.state = TrimState(self.num_layers, lengths.cpu())
+        else:
+            self.state = getattr(cache, STATE_ATTR, None)
+            if self.state is None:
+                lengths = [cache.get_seq_length(i) for i in range(self.num_layers)]
+                self.state = TrimState.for_untrimmed_cache(self.num_layers, lengths, batch, device)
+            self.state.steps += 1
+        if cache is not None:
+            setattr(cache, STATE_ATTR, self.state)
+
+        dtype = self.base.embed_tokens.weight.dtype
+        cos, sin = self.base.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        source = torch.arange(length, device=device).expand(batch, -1)
+        self.live = _Live(positions, valid, source, cos, sin, length, prefill, in_order=prefill)
+
+    def _on_end(self, module, args, kwargs, output):
+        live, state = self.live, self.state
+        self.live = None
+        if live is None:
+            return output
+        hidden = output.last_hidden_state                     # (B, Q_live, D), already normed
+        if live.prefill and state.aux:
+            hidden = self._restore_prompt_order(hidden, live, state)
+        elif hidden.shape[1] != live.n_input:
+            hidden = hidden[:, : live.n_input]
+        output.last_hidden_state = hidden
+        return output
+
+    def _restore_prompt_order(self, hidden, live: _Live, state: TrimState) -> torch.Tensor:
+        """(B, Q_kept, D) -> (B, T, D): kept tokens' outputs at their input index; a pruned token's entry
+        is its hidden state when it was dropped (normed): it was not computed further."""
+        batch, _, dim = hidden.shape
+        out = hidden.new_zeros(batch, live.n_input, dim)
+        for entry in state.aux.values():
+            index = entry.source.clamp(min=0)[:, :, None].expand(-1, -1, dim)
+            normed = self.base.norm(entry.hidden)
+            current = out.gather(1, index)
+            out.scatter_(1, index, torch.where(entry.waiting[:, :, None], normed, current))
+        index = live.source.clamp(min=0)[:, :, None].expand(-1, -1, dim)
+        current = out.gather(1, index)
+        out.scatter_(1, index, torch.where(live.valid[:, :, None], hidden, current))
+        return out
+
+    # ---- layer hooks -------------------------------------------------------------------------
+    def _layer_pre(self, layer: int):
+        def hook(module, args, kwargs):
+            live, state = self.live, self.state
+            if live is None:  # the layer is called outside the base model: leave it alone
+                return None
+            cache = kwargs.get("past_key_values")
+            previous = state.slots[layer] if cache is not None else None
+            if previous is not None and previous.positions.shape[1] != cache.get_seq_length(layer):
+                raise InputError(
+                    f"the KV cache of layer {layer} holds {cache.get_seq_length(layer)} slots but trimformer "
+                    f"tracked {previous.positions.shape[1]}: was it changed outside the trimmed model?"
+                )
+            if previous is None:
+                keys = LayerSlots(live.positions, live.valid)
+            else:
+                keys = previous.extend(live.positions, live.valid)
+            if cache is not None:
+                state.slots[layer] = keys
+                if getattr(cache, STATE_ATTR, None) is not state:
+                    setattr(cache, STATE_ATTR, state)
+            if live.prefill:
+                state.computed[layer] += live.valid.sum(-1).cpu()
+
+            kwargs["attention_mask"] = self._mask(live, keys, previous is not None)
+            kwargs["position_embeddings"] = (live.cos, live.sin)
+            kwargs["position_ids"] = live.positions
+            probe = self._probe(layer, live, keys)
+            if probe is not None:
+                kwargs[PROBE_KWARG] = probe
+            return args, kwargs
+
+        return hook
+
+    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool) -> torch.Tensor | None:
+        """None when the plain causal (or single-query) path is exact, else a (B, 1, Q, K) bool mask
+        by original position: a query sees valid keys at or before its position, and its own slot."""
+        q = live.positions.shape[1]
+        all_valid = bool(keys.valid.all())
+        if all_valid and ((live.in_order and not has_past) or (q == 1)):
+            return None
+        k = keys.positions.shape[1]
+        allowed = keys.valid[:, None, :] & (keys.positions[:, None, :] <= live.positions[:, :, None])
+        own = torch.arange(k - q, k, device=allowed.device)
+        allowed[:, torch.arange(q, device=allowed.device), own] = True
+        return allowed[:, None]
+
+    def _probe(self, layer: int, live: _Live, keys: LayerSlots) -> Probe | None:
+        if layer not in self.plan:
+            return None
+        cfg = self.config
+        if live.prefill and self.method.needs_attention:
+            width = min(cfg.window, live.positions.shape[1])
+            index = torch.arange(live.positions.shape[1] - width, live.positions.shape[1], device=keys.positions.device)
+            q_pos, q_valid = live.positions[:, index], live.valid[:, index]
+
+            def scorer(query, key, scaling):
+                return last_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid, q_valid, cfg.pool)
+
+            return Probe(scorer, index)
+        if not live.prefill and self.revive and layer in self.state.aux and self.state.steps % cfg.revive_every == 0:
+            index = torch.tensor([live.n_input - 1], device=keys.positions.device)
+            q_pos = live.positions[:, index]
+
+            def scorer(query, key, scaling):
+                return newest_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid)
+
+            return Probe(scorer, index)
+        return None
+
+    def _layer_post(self, layer: int):
+        def hook(module, args, kwargs, output):
+            live = self.live
+            if live is None:
+                return None
+            probe = kwargs.get(PROBE_KWARG)
+            if live.prefill:
+                return self._prune(layer, output, probe)
+            if probe is not None:
+                return self._revive(layer, output, probe)
+            return None
+
+        return hook
+
+    # ---- prefill: prune ----------------------------------------------------------------------
+    def _prune(self, layer: int, hidden: torch.Tensor, probe: Probe | None) -> torch.Tensor:
+        """hidden (B, Q, D) -> (B, Q', D): keep the selected tokens, park the rest in the aux cache."""
+        live, state, cfg = self.live, self.state, self.config
+        inputs = ScoreInputs(
+            layer=layer,
+            positions=live.positions,
+            valid=live.valid,
+            lengths=state.prompt_lengths.to(hidden.device),
+            hidden=hidden,
+            attention=probe.scores if probe is not None else None,
+            seed=cfg.seed,
+        )
+        scores = self.method.score(inputs).float()                               # (B, Q)
+        if self.method.span_pool:
+            scores = span_max_pool(scores.masked_fill(~live.valid, 0.0), cfg.span)
+        lengths = inputs.lengths[:, None]
+        protected = live.valid & ((live.positions < cfg.sinks) | (live.positions >= lengths - cfg.protect_last))
+        n_valid, n_protected = live.valid.sum(-1), protected.sum(-1)
+        if cfg.adaptive:
+            counts = torch.minimum(
+                mass_counts(scores, live.valid, cfg.mass, n_protected),
+                ratio_counts(n_valid, self.plan[layer], n_protected),
+            )
+        else:
+            counts = ratio_counts(n_valid, self.plan[layer], n_protected)
+        index, kept = select(scores, live.valid, protected, counts)              # (B, K'), (B, K')
+
+        keep_mask = torch.zeros_like(live.valid).scatter_(1, index, kept)        # (B, Q)
+        dropped = live.valid & ~keep_mask
+        self._park(layer, hidden, dropped)
+        live.gather(index, kept)
+        return _gather_rows(hidden, index)
+
+    def _park(self, layer: int, hidden: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Move the dropped tokens' hidden states to the aux cache of `layer` (or count them as gone)."""
+        live, state = self.live, self.state
+        width = int(dropped.sum(-1).max())
+        if width == 0:
+            return
+        if not self.revive:
+            state.dropped_for_good += int(dropped.sum())
+        order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # dropped first
+        state.aux[layer] = AuxEntry(
+            hidden=_gather_rows(hidden, order),
+            positions=live.positions.gather(1, order),
+            slots=order,  # no past in prefill: the slot in this layer's cache is the live index
+            source=live.source.gather(1, order),
+            waiting=dropped.gather(1, order),
+        )
+
+    # ---- decoding: revive --------------------------------------------------------------------
+    def _revive(self, layer: int, hidden: torch.Tensor, probe: Probe) -> torch.Tensor:
+        """hidden (B, Q, D) -> (B, Q + R, D): aux tokens of `layer` the new query attends to strongly."""
+        live, state, cfg = self.live, self.state, self.config
+        entry = state.aux[layer]
+        keys = state.slots[layer]
+        attention = probe.scores                                                  # (B, K)
+        n_keys = keys.valid.sum(-1, keepdim=True).clamp(min=1)
+        relative = attention.gather(1, entry.slots) * n_keys                      # (B, N) x uniform
+        wanted = entry.waiting & (relative >= cfg.revive_threshold)
+        width = min(cfg.revive_max, int(wanted.sum(-1).max()))
+        if width == 0:
+            return hidden
+        top = relative.masked_fill(~wanted, -1.0).topk(width, dim=-1).indices     # (B, R)
+        chosen = wanted.gather(1, top)                                            # (B, R)
+        entry.waiting.scatter_(1, top, entry.waiting.gather(1, top) & ~chosen)
+        state.revived[layer] += int(chosen.sum())
+
+        positions = entry.positions.gather(1, top)
+        extra = _gather_rows(entry.hidden, top)
+        cos, sin = self.base.rotary_emb(extra, positions)
+        live.extend(positions, chosen, cos, sin)
+        return torch.cat([hidden, extra], dim=1)

@@ -1,0 +1,46 @@
+"""Keep policies: turn scores into a keep set. Pure functions, tensors in and tensors out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def ratio_counts(n_valid: torch.Tensor, ratio: float, n_protected: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens to keep per row: ceil(ratio * live tokens), never fewer than the protected ones."""
+    counts = torch.ceil(n_valid.double() * ratio - 1e-9).long()
+    return torch.maximum(counts, n_protected).minimum(n_valid)
+
+
+def mass_counts(
+    scores: torch.Tensor,     # (B, K) non-negative importance
+    valid: torch.Tensor,      # (B, K) bool
+    mass: float,
+    n_protected: torch.Tensor,  # (B,)
+) -> torch.Tensor:            # (B,)
+    """Adaptive: the smallest number of tokens whose scores hold `mass` of the row's total."""
+    s = scores.clamp(min=0).masked_fill(~valid, 0.0)
+    total = s.sum(-1, keepdim=True).clamp(min=1e-12)
+    cumulative = (s.sort(dim=-1, descending=True).values / total).cumsum(-1)      # (B, K)
+    counts = (cumulative < mass - 1e-6).sum(-1) + 1
+    return torch.maximum(counts, n_protected).minimum(valid.sum(-1))
+
+
+def select(
+    scores: torch.Tensor,     # (B, K)
+    valid: torch.Tensor,      # (B, K) bool: real tokens (padding and empty slots are False)
+    protected: torch.Tensor,  # (B, K) bool: always kept
+    counts: torch.Tensor,     # (B,) how many to keep per row
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`counts[b]` tokens of each row, in their original order.
+
+    Returns ``index`` (B, K') into the K slots, sorted ascending, with K' = max(counts), and
+    ``kept`` (B, K') bool: False for filler slots of rows that keep fewer than K' tokens.
+    """
+    width = int(counts.max().item()) if counts.numel() else 0
+    ranked = scores.float().masked_fill(protected & valid, math.inf).masked_fill(~valid, -math.inf)
+    top = ranked.topk(width, dim=-1).indices                                  # (B, K') best first
+    kept = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
+    index, order = top.sort(dim=-1)
+    return index, kept.gather(1, order)

@@ -1,0 +1,15 @@
+"""Scorers: pure functions giving each live token an importance (tensors in, tensors out)."""
+
+from .attention import last_query_attention, newest_query_attention
+from .position import head_tail_scores, recency_scores
+from .random import random_scores
+from .smoothing import span_max_pool
+
+__all__ = [
+    "head_tail_scores",
+    "last_query_attention",
+    "newest_query_attention",
+    "random_scores",
+    "recency_scores",
+    "span_max_pool",
+]

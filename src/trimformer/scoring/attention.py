@@ -1,0 +1,59 @@
+"""Attention of a few queries over a layer's keys, computed from queries and keys (no attention matrix
+is ever asked of the model, so SDPA or flash kernels stay on for the layer itself)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_probs(
+    query: torch.Tensor,   # (B, H, W, hd)   post-RoPE queries of the scoring window
+    key: torch.Tensor,     # (B, Hkv, K, hd) post-RoPE keys of the layer (cache included)
+    scaling: float,
+    q_pos: torch.Tensor,   # (B, W) original positions of the window queries
+    k_pos: torch.Tensor,   # (B, K) original positions of the keys
+    k_valid: torch.Tensor,  # (B, K) bool, False for padding / empty slots
+) -> torch.Tensor:         # (B, H, W, K) softmax over allowed keys; rows with none allowed are 0
+    """Causal (by original position), padding-aware attention probabilities of `query` over `key`."""
+    b, h, w, hd = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, w, hd)                                   # (B, Hkv, G, W, hd)
+    logits = torch.einsum("bhgwd,bhkd->bhgwk", q.float(), key.float()) * scaling  # (B, Hkv, G, W, K)
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])     # (B, W, K)
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs.reshape(b, h, w, -1)
+
+
+def last_query_attention(
+    query: torch.Tensor,    # (B, H, W, hd)
+    key: torch.Tensor,      # (B, Hkv, K, hd)
+    scaling: float,
+    q_pos: torch.Tensor,    # (B, W)
+    k_pos: torch.Tensor,    # (B, K)
+    k_valid: torch.Tensor,  # (B, K)
+    q_valid: torch.Tensor,  # (B, W) bool, False for padding queries
+    pool: str = "max",
+) -> torch.Tensor:          # (B, K) importance of each key slot
+    """LazyLLM's score: the attention the last queries pay each token, pooled over heads and queries.
+
+    ``pool="max"`` keeps a token that any head of any window query needs; ``"mean"`` averages.
+    """
+    probs = attention_probs(query, key, scaling, q_pos, k_pos, k_valid)   # (B, H, W, K)
+    probs = probs * q_valid[:, None, :, None]
+    if pool == "max":
+        return probs.amax(dim=(1, 2))
+    n = (q_valid.sum(-1) * probs.shape[1]).clamp(min=1)                    # (B,)
+    return probs.sum(dim=(1, 2)) / n[:, None]
+
+
+def newest_query_attention(
+    query: torch.Tensor,    # (B, H, 1, hd) the newest token's query
+    key: torch.Tensor,      # (B, Hkv, K, hd)
+    scaling: float,
+    q_pos: torch.Tensor,    # (B, 1)
+    k_pos: torch.Tensor,    # (B, K)
+    k_valid: torch.Tensor,  # (B, K)
+) -> torch.Tensor:          # (B, K) max over heads of the newest query's attention
+    """Attention of the token being decoded over a layer's cache, max over heads (for revival)."""
+    return attention_probs(query, key, scaling, q_pos, k_pos, k_valid).amax(dim=(1, 2))

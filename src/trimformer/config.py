@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -37,7 +37,6 @@ class TrimConfig:
     revive_threshold: float = 4.0           # revive a token whose attention is >= this x uniform
     revive_max: int = 16                    # at most this many revivals per stage, row and step
     seed: int = 0                           # for the random scorer
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (e.g. pruner path)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -52,17 +51,20 @@ class TrimConfig:
             if "keep" in options:
                 raise ConfigError("give either reduction_ratio or keep, not both")
             options["keep"] = 1.0 - float(ratio)
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in options.items() if k in names}
-        extra = {k: v for k, v in options.items() if k not in names}
-        cfg = cls(**known)
-        cfg.extra = {**cfg.extra, **extra}
-        return cfg
+        if isinstance(options.get("schedule"), dict):  # JSON gives string keys: accept "7" for 7
+            options["schedule"] = {_int_key(k): v for k, v in options["schedule"].items()}
+        if options.get("layers") is not None:
+            if not isinstance(options["layers"], (list, tuple)):
+                raise ConfigError(f"layers must be a list of layer indices, got {options['layers']!r}")
+            options["layers"] = tuple(options["layers"])
+        _check_names(options)
+        return cls(**options)
 
     @classmethod
     def coerce(cls, config: "TrimConfig | dict | str | None", options: dict[str, Any]) -> "TrimConfig":
         """Turn what `trim` was given (config object, dict, method name, keyword options) into a config."""
         if isinstance(config, TrimConfig):
+            _check_names(options)
             return dataclasses.replace(config, **options) if options else config
         if isinstance(config, dict):
             return cls.from_dict({**config, **options})
@@ -85,6 +87,8 @@ class TrimConfig:
                 _layer(layer)
                 _ratio(f"schedule[{layer}]", ratio)
         if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ConfigError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")
             for layer in self.layers:
                 _layer(layer)
         _positive_int("window", self.window)
@@ -125,6 +129,17 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     """Default stages: after 20%, 40%, 60% and 80% of the depth (layers 6, 12, 18, 24 of 30)."""
     stages = sorted({max(0, min(num_layers - 2, math.floor(num_layers * f))) for f in (0.2, 0.4, 0.6, 0.8)})
     return tuple(stages)
+
+
+def _check_names(options: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(TrimConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; accepted: {', '.join(sorted(names))}, reduction_ratio")
+
+
+def _int_key(key: Any) -> Any:
+    return int(key) if isinstance(key, str) and key.strip().isdigit() else key
 
 
 def _ratio(name: str, value: Any) -> None:

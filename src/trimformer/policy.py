@@ -36,11 +36,17 @@ def select(
     """Top-`counts[b]` tokens of each row, in their original order.
 
     Returns ``index`` (B, K') into the K slots, sorted ascending, with K' = max(counts), and
-    ``kept`` (B, K') bool: False for filler slots of rows that keep fewer than K' tokens.
+    ``kept`` (B, K') bool: False for filler slots of rows that keep fewer than K' tokens. Ties break
+    by slot order, and filler comes from padding slots first, so a row chooses the same tokens
+    whatever the rest of its batch looks like.
     """
     width = int(counts.max().item()) if counts.numel() else 0
     ranked = scores.float().masked_fill(protected & valid, math.inf).masked_fill(~valid, -math.inf)
-    top = ranked.topk(width, dim=-1).indices                                  # (B, K') best first
-    kept = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
-    index, order = top.sort(dim=-1)
-    return index, kept.gather(1, order)
+    order = ranked.sort(dim=-1, descending=True, stable=True).indices        # (B, K) best first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    chosen = (rank < counts[:, None]) & valid                                 # (B, K)
+    # priority: chosen tokens, then padding slots as filler, then unchosen real tokens
+    priority = chosen.long() * 2 + (~valid).long()
+    top = priority.sort(dim=-1, descending=True, stable=True).indices[:, :width]
+    index = top.sort(dim=-1).values
+    return index, chosen.gather(1, index)

@@ -23,12 +23,14 @@ class Probe:
     """A request to score tokens at one layer; the attention wrapper fills `scores`."""
 
     scorer: Callable[..., torch.Tensor]   # (query, key, scaling) -> (B, K) scores
-    query_index: torch.Tensor             # (W,) which query rows of the layer to score with
+    query_index: torch.Tensor             # (B, W) which query rows of each batch row to score with
     scores: torch.Tensor | None = None    # (B, K) filled by the wrapper
 
     def capture(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         # query: (B, H, Q, hd), key: (B, Hkv, K, hd), both post-RoPE, key includes the cache
-        self.scores = self.scorer(query.index_select(2, self.query_index), key, module.scaling)
+        b, h, _, hd = query.shape
+        index = self.query_index[:, None, :, None].expand(b, h, -1, hd)
+        self.scores = self.scorer(query.gather(2, index), key, module.scaling)
 
 
 def _wrap(original: str) -> Callable:
@@ -50,11 +52,15 @@ def _eager() -> Callable:
     return eager_attention_forward
 
 
+def original_kernel(name: str | None) -> str:
+    """The attention implementation under a (possibly already wrapped) name."""
+    name = name or "eager"
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
 def wrapped_name(original: str | None) -> str:
     """Register (once) and return the name of the wrapper around attention implementation `original`."""
-    original = original or "eager"
-    if original.startswith(PREFIX):
-        original = original[len(PREFIX):]
+    original = original_kernel(original)
     name = f"{PREFIX}{original}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _wrap(original))

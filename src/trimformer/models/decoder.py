@@ -25,9 +25,10 @@ from ..errors import InputError, UnsupportedModelError
 from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
-from .attention_hook import PROBE_KWARG, Probe, wrapped_name
+from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+ATTENTION_KERNELS = ("sdpa", "eager")
 STATE_ATTR = "_trimformer_state"
 
 
@@ -65,6 +66,21 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def last_valid_slots(valid: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """valid (B, Q) -> (index (B, W), in_window (B, W)): each row's last `window` valid slots, in order
+    (rows with fewer valid slots are filled with slots flagged False)."""
+    width = min(window, valid.shape[1])
+    from_end = valid.flip(-1).cumsum(-1).flip(-1)                      # valid slots at or after i
+    in_window = valid & (from_end <= width)
+    slot = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    index = torch.where(in_window, slot, -1).topk(width, dim=-1).indices.sort(dim=-1).values
+    return index, in_window.gather(1, index)
+
+
 def check_supported(model: torch.nn.Module) -> None:
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -78,6 +94,12 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"{name} with sliding-window attention is not supported (its cache drops slots on its own); "
             "use a config with sliding_window=None"
+        )
+    kernel = original_kernel(config._attn_implementation)
+    if kernel not in ATTENTION_KERNELS:
+        raise UnsupportedModelError(
+            f"attention implementation {kernel!r} is not supported; load the model with "
+            f"attn_implementation in {ATTENTION_KERNELS}"
         )
 
 
@@ -97,6 +119,7 @@ class DecoderPatch:
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
         self._handles: list = []
         self._original_attn: str | None = None
+        self._kernel = original_kernel(model.config._attn_implementation)   # "sdpa" or "eager"
 
     # ---- install / remove --------------------------------------------------------------------
     def install(self) -> None:
@@ -227,7 +250,7 @@ class DecoderPatch:
             if live.prefill:
                 state.computed[layer] += live.valid.sum(-1).cpu()
 
-            kwargs["attention_mask"] = self._mask(live, keys, previous is not None)
+            kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module_dtype(module))
             kwargs["position_embeddings"] = (live.cos, live.sin)
             kwargs["position_ids"] = live.positions
             probe = self._probe(layer, live, keys)
@@ -237,17 +260,21 @@ class DecoderPatch:
 
         return hook
 
-    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool) -> torch.Tensor | None:
-        """None when the plain causal (or single-query) path is exact, else a (B, 1, Q, K) bool mask
-        by original position: a query sees valid keys at or before its position, and its own slot."""
+    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool, dtype: torch.dtype) -> torch.Tensor | None:
+        """None when SDPA's own causal (or single-query) path is exact, else a (B, 1, Q, K) mask by
+        original position: a query sees valid keys at or before its position, and its own slot.
+        Bool for SDPA; additive (0 / dtype min) for eager attention, which applies no causal mask itself."""
         q = live.positions.shape[1]
         all_valid = bool(keys.valid.all())
-        if all_valid and ((live.in_order and not has_past) or (q == 1)):
+        if self._kernel == "sdpa" and all_valid and ((live.in_order and not has_past) or q == 1):
             return None
         k = keys.positions.shape[1]
         allowed = keys.valid[:, None, :] & (keys.positions[:, None, :] <= live.positions[:, :, None])
         own = torch.arange(k - q, k, device=allowed.device)
         allowed[:, torch.arange(q, device=allowed.device), own] = True
+        if self._kernel == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)[:, None]
         return allowed[:, None]
 
     def _probe(self, layer: int, live: _Live, keys: LayerSlots) -> Probe | None:
@@ -255,17 +282,16 @@ class DecoderPatch:
             return None
         cfg = self.config
         if live.prefill and self.method.needs_attention:
-            width = min(cfg.window, live.positions.shape[1])
-            index = torch.arange(live.positions.shape[1] - width, live.positions.shape[1], device=keys.positions.device)
-            q_pos, q_valid = live.positions[:, index], live.valid[:, index]
+            index, q_valid = last_valid_slots(live.valid, cfg.window)
+            q_pos = live.positions.gather(1, index)
 
             def scorer(query, key, scaling):
                 return last_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid, q_valid, cfg.pool)
 
             return Probe(scorer, index)
         if not live.prefill and self.revive and layer in self.state.aux and self.state.steps % cfg.revive_every == 0:
-            index = torch.tensor([live.n_input - 1], device=keys.positions.device)
-            q_pos = live.positions[:, index]
+            index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
+            q_pos = live.positions.gather(1, index)
 
             def scorer(query, key, scaling):
                 return newest_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid)

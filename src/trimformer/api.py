@@ -11,6 +11,7 @@ from .errors import TrimformerError, UnsupportedModelError
 from .flops import prefill_flops
 from .methods import get_method
 from .models import patch_for
+from .presets import preset_for
 
 PATCH_ATTR = "_trimformer_patch"
 
@@ -25,7 +26,7 @@ def trim(model: torch.nn.Module, config: TrimConfig | dict | str | None = None, 
     cfg = TrimConfig.coerce(config, options)
     method = get_method(cfg.method)
     layers = _decoder_layers(model)
-    plan = cfg.resolve_schedule(len(layers))
+    plan = cfg.resolve_schedule(len(layers), preset_for(model.config))
     patch = patch_for(model, cfg, method, plan)
     previous = getattr(model, PATCH_ATTR, None)
     if previous is not None:

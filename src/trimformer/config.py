@@ -10,6 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 POOLS = ("max", "mean")
+DEFAULT_KEEP = 0.5
 
 
 @dataclass
@@ -18,23 +19,24 @@ class TrimConfig:
 
     Schedule: tokens are dropped *after* the layers named in `layers` (or the keys of `schedule`);
     each stage keeps the share `keep` of the tokens still live (so k stages keep `keep**k`).
-    With no layers given, stages sit after 20%, 40%, 60% and 80% of the model's depth.
+    With neither given, a model with a measured preset (see `presets.py`) uses it; any other model
+    prunes after 20%, 40%, 60% and 80% of its depth, keeping `keep` (default 0.5) at each stage.
     """
 
     method: str = "lazy"
-    keep: float = 0.6                       # share of live tokens kept at each stage, in (0, 1]
+    keep: float | None = None               # share of live tokens kept at each stage, in (0, 1]
     layers: tuple[int, ...] | None = None   # prune after these layers (0-based); None = default stages
     schedule: dict[int, float] | None = None  # explicit {layer: keep}; overrides `layers` and `keep`
     window: int = 64                        # last queries whose attention scores the prompt
     pool: str = "max"                       # how to pool attention over heads and window queries
-    span: int = 9                           # max-pool scores over this many neighbouring tokens (1 = off)
+    span: int = 33                          # max-pool scores over this many neighbouring tokens (1 = off)
     sinks: int = 4                          # first tokens of each row, never pruned
     protect_last: int = 16                  # last tokens of each row, never pruned (the query, template)
     adaptive: bool = False                  # keep the smallest set holding `mass` of the attention
     mass: float = 0.9                       # attention mass kept per stage when adaptive
     revive: bool | None = None              # bring pruned tokens back while decoding (None: the method decides)
     revive_every: int = 1                   # decoding steps between revival checks
-    revive_threshold: float = 4.0           # revive a token whose attention is >= this x uniform
+    revive_threshold: float = 10.0          # revive a token whose attention is >= this x uniform
     revive_max: int = 16                    # at most this many revivals per stage, row and step
     seed: int = 0                           # for the random scorer
 
@@ -79,7 +81,8 @@ class TrimConfig:
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise `ConfigError` naming the field and what is accepted."""
-        _ratio("keep", self.keep)
+        if self.keep is not None:
+            _ratio("keep", self.keep)
         if self.schedule is not None:
             if not isinstance(self.schedule, dict) or not self.schedule:
                 raise ConfigError("schedule must be a non-empty dict {layer_index: keep_ratio}")
@@ -87,8 +90,8 @@ class TrimConfig:
                 _layer(layer)
                 _ratio(f"schedule[{layer}]", ratio)
         if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not self.layers:
-                raise ConfigError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")
+            if not isinstance(self.layers, (list, tuple)):
+                raise ConfigError(f"layers must be a list of layer indices, got {self.layers!r}")
             for layer in self.layers:
                 _layer(layer)
         _positive_int("window", self.window)
@@ -108,14 +111,18 @@ class TrimConfig:
         if not isinstance(self.revive_threshold, (int, float)) or self.revive_threshold < 0:
             raise ConfigError(f"revive_threshold must be a number >= 0, got {self.revive_threshold!r}")
 
-    def resolve_schedule(self, num_layers: int) -> dict[int, float]:
-        """The {layer: keep} plan for a model with `num_layers` layers (validated against it)."""
+    def resolve_schedule(self, num_layers: int, preset: dict[int, float] | None = None) -> dict[int, float]:
+        """The {layer: keep} plan for a model with `num_layers` layers (validated against it).
+        `preset` is the model's measured default schedule, if it has one."""
         self.validate()
         if self.schedule is not None:
             plan = {int(k): float(v) for k, v in self.schedule.items()}
+        elif self.layers is None and preset is not None:
+            plan = {layer: float(self.keep if self.keep is not None else ratio) for layer, ratio in preset.items()}
         else:
             layers = self.layers if self.layers is not None else default_layers(num_layers)
-            plan = {int(layer): float(self.keep) for layer in layers}
+            keep = self.keep if self.keep is not None else DEFAULT_KEEP
+            plan = {int(layer): float(keep) for layer in layers}
         bad = sorted(layer for layer in plan if layer > num_layers - 2)
         if bad:
             raise ConfigError(

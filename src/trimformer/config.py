@@ -39,6 +39,7 @@ class TrimConfig:
     revive_threshold: float = 10.0          # revive a token whose attention is >= this x uniform
     revive_max: int = 16                    # at most this many revivals per stage, row and step
     seed: int = 0                           # for the random scorer
+    pruner: str | None = None               # path of a learned pruner checkpoint (method "sdtp")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

@@ -28,14 +28,22 @@ class ScoreInputs:
     seed: int
 
 
+Scorer = Callable[[ScoreInputs], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    score: Callable[[ScoreInputs], torch.Tensor]
+    score: Scorer | None       # a fixed scorer, or None when `setup` builds one per trim
     needs_attention: bool      # ask the layer's attention wrapper for window-query scores
     revive_default: bool       # bring tokens back while decoding unless the config says otherwise
     span_pool: bool            # apply the config's span max-pooling to the scores
+    setup: Callable[..., Scorer] | None = None  # (config, model, plan) -> scorer, for methods with state
+                                                # (a learned pruner); may raise ConfigError
+
+    def build_scorer(self, config, model, plan) -> Scorer:
+        return self.setup(config, model, plan) if self.setup is not None else self.score
 
 
 METHODS: dict[str, Method] = {}

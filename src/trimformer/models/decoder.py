@@ -114,6 +114,7 @@ class DecoderPatch:
         self.method = method
         self.plan = plan
         self.revive = method.revive_default if config.revive is None else config.revive
+        self.score = method.build_scorer(config, model, plan)
         self.num_layers = len(self.base.layers)
         self.live: _Live | None = None
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
@@ -326,7 +327,7 @@ class DecoderPatch:
             attention=probe.scores if probe is not None else None,
             seed=cfg.seed,
         )
-        scores = self.method.score(inputs).float()                               # (B, Q)
+        scores = self.score(inputs).float()                               # (B, Q)
         if self.method.span_pool:
             scores = span_max_pool(scores.masked_fill(~live.valid, 0.0), cfg.span)
         lengths = inputs.lengths[:, None]

@@ -26,7 +26,7 @@ def trim(model: torch.nn.Module, config: TrimConfig | dict | str | None = None, 
     cfg = TrimConfig.coerce(config, options)
     method = get_method(cfg.method)
     layers = _decoder_layers(model)
-    plan = cfg.resolve_schedule(len(layers), preset_for(model.config))
+    plan = cfg.resolve_schedule(len(layers), preset_for(model.config)) if method.prunes_prefill else {}
     patch = patch_for(model, cfg, method, plan)
     previous = getattr(model, PATCH_ATTR, None)
     if previous is not None:
@@ -71,7 +71,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     total = sum(lengths) * state.num_layers
     flops_full = prefill_flops(model.config, full_rows)
     flops_trimmed = prefill_flops(model.config, computed.tolist())
-    return {
+    result = {
         "method": patch.config.method,
         "schedule": dict(patch.plan),
         "prompt_tokens": lengths,
@@ -85,7 +85,40 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         "flops_full": flops_full,
         "flops_trimmed": flops_trimmed,
         "flop_ratio": flops_full / flops_trimmed if flops_trimmed else 1.0,
+        "kv_bytes": _kv_bytes(model, state),
     }
+    if state.runtime is not None:
+        result.update(runtime_stats(state))
+    return result
+
+
+def runtime_stats(state) -> dict[str, Any]:
+    """Decode-time eviction counters: per layer and totals over layers (token-layer entries).
+    For every layer, seen = in_cache + in_shadow + dropped."""
+    rt = state.runtime
+    in_cache = [int(s.valid.sum()) if s is not None else 0 for s in state.slots]
+    in_shadow = [rt.in_shadow(layer) for layer in range(rt.num_layers)]
+    return {
+        "total_tokens_seen": sum(rt.seen),
+        "total_tokens_pruned": sum(rt.evicted),
+        "total_tokens_reintroduced": sum(rt.readmitted),
+        "total_tokens_dropped": sum(rt.dropped),
+        "per_layer": [
+            {"layer": layer, "seen": rt.seen[layer], "in_cache": in_cache[layer], "in_shadow": in_shadow[layer],
+             "dropped": rt.dropped[layer], "evicted": rt.evicted[layer], "reintroduced": rt.readmitted[layer]}
+            for layer in range(rt.num_layers)
+        ],
+        "shadow_bytes": rt.shadow_bytes(),
+    }
+
+
+def _kv_bytes(model, state) -> int:
+    """Bytes the KV cache holds now (every slot of every layer, keys and values)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    slots = sum(s.positions.numel() for s in state.slots if s is not None)
+    return 2 * slots * config.num_key_value_heads * head_dim * element
 
 
 def _decoder_layers(model: torch.nn.Module):

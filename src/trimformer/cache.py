@@ -42,6 +42,8 @@ class TrimState:
     revived: list[int] = field(default_factory=list)    # tokens revived into each layer while decoding
     dropped_for_good: int = 0                           # tokens evicted with no way back (aux off)
     steps: int = 0                                      # decoding forwards seen
+    next_position: torch.Tensor | None = None           # (B,) position of each row's next token
+    runtime: "RuntimeState | None" = None               # decode-time eviction, when the method evicts
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -55,6 +57,7 @@ class TrimState:
     def for_untrimmed_cache(cls, num_layers: int, lengths: list[int], batch: int, device) -> "TrimState":
         """State for a cache filled without trimformer: every slot valid, positions 0..K-1."""
         state = cls(num_layers, torch.full((batch,), lengths[0], device=device))
+        state.next_position = torch.full((batch,), lengths[0], device=device)
         for layer, k in enumerate(lengths):
             pos = torch.arange(k, device=device).expand(batch, k)
             state.slots[layer] = LayerSlots(pos, torch.ones(batch, k, dtype=torch.bool, device=device))
@@ -63,3 +66,46 @@ class TrimState:
     def waiting_in_aux(self) -> int:
         """Pruned tokens whose hidden states are still in the aux cache."""
         return int(sum(int(entry.waiting.sum()) for entry in self.aux.values()))
+
+
+@dataclass
+class ShadowLayer:
+    """Evicted keys and values of one layer: they can come back at their original positions."""
+
+    keys: torch.Tensor       # (B, Hkv, N, hd) post-RoPE, as they were in the cache
+    values: torch.Tensor     # (B, Hkv, N, hd)
+    positions: torch.Tensor  # (B, N)
+    valid: torch.Tensor      # (B, N) bool: False for filler
+    scores: torch.Tensor     # (B, N) accumulated attention when evicted (the shadow set's own policy)
+
+    def bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class RuntimeState:
+    """Decode-time eviction: accumulated attention per cache slot, the shadow set, and counters
+    (per layer; every token that entered a layer is in its cache, in its shadow set, or dropped)."""
+
+    num_layers: int
+    scores: list[torch.Tensor | None] = field(default_factory=list)   # (B, K_l) aligned with slots
+    shadow: list[ShadowLayer | None] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+    readmitted: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("scores", "shadow"):
+            if not getattr(self, name):
+                setattr(self, name, [None] * self.num_layers)
+        for name in ("seen", "evicted", "readmitted", "dropped"):
+            if not getattr(self, name):
+                setattr(self, name, [0] * self.num_layers)
+
+    def in_shadow(self, layer: int) -> int:
+        entry = self.shadow[layer]
+        return int(entry.valid.sum()) if entry is not None else 0
+
+    def shadow_bytes(self) -> int:
+        return sum(entry.bytes() for entry in self.shadow if entry is not None)

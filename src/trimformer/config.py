@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 POOLS = ("max", "mean")
 DEFAULT_KEEP = 0.5
+SHADOW_DTYPES = {"float32", "float16", "bfloat16"}
 
 
 @dataclass
@@ -40,6 +41,19 @@ class TrimConfig:
     revive_max: int = 16                    # at most this many revivals per stage, row and step
     seed: int = 0                           # for the random scorer
     pruner: str | None = None               # path of a learned pruner checkpoint (method "sdtp")
+    # decode-time KV eviction (method "runtime", or "<prefill method>+runtime")
+    budget: float | int | None = None       # KV kept per layer: share of tokens seen (<= 1.0) or a count (int)
+    pruning_threshold: float = 0.0          # also evict tokens whose accumulated attention < this x uniform
+    decay: float = 0.9                      # accumulated attention = decay x old + new (heavy hitters)
+    recent: int = 32                        # newest tokens never evicted
+    score_every: int = 1                    # decoding steps between attention accumulations
+    evict_every: int = 8                    # decoding steps between evictions
+    readmit_every: int = 4                  # decoding steps between shadow-set checks (0 = never readmit)
+    readmit_threshold: float = 10.0         # readmit a shadow token whose attention is >= this x uniform
+    readmit_max: int = 8                    # at most this many readmissions per layer, row and check
+    shadow_size: int | None = None          # evicted tokens kept per layer and row (None = all)
+    shadow_device: str | None = None        # e.g. "cpu" to keep the shadow set off the accelerator
+    shadow_dtype: str | None = None         # e.g. "bfloat16" to keep it in lower precision
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -109,6 +123,30 @@ class TrimConfig:
         if self.pool not in POOLS:
             raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}")
         _ratio("mass", self.mass)
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget <= 0 or (
+                isinstance(self.budget, float) and self.budget > 1.0
+            ):
+                raise ConfigError(
+                    f"budget must be a share of the tokens in (0, 1.0] (a float) or a token count >= 1 "
+                    f"(an int), got {self.budget!r}"
+                )
+        for name in ("pruning_threshold", "readmit_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0 (a multiple of uniform attention), got {value!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"decay must be in [0, 1], got {self.decay!r}")
+        for name in ("score_every", "evict_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("recent", "readmit_every", "readmit_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.shadow_size is not None and (not isinstance(self.shadow_size, int) or self.shadow_size < 0):
+            raise ConfigError(f"shadow_size must be None (unbounded) or an integer >= 0, got {self.shadow_size!r}")
+        if self.shadow_dtype is not None and self.shadow_dtype not in SHADOW_DTYPES:
+            raise ConfigError(f"shadow_dtype must be one of {sorted(SHADOW_DTYPES)} or None, got {self.shadow_dtype!r}")
         if not isinstance(self.revive_threshold, (int, float)) or self.revive_threshold < 0:
             raise ConfigError(f"revive_threshold must be a number >= 0, got {self.revive_threshold!r}")
 

@@ -6,6 +6,7 @@ prune, how to gather, the aux cache, revival) is shared by all methods and lives
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,8 @@ class Method:
     span_pool: bool            # apply the config's span max-pooling to the scores
     setup: Callable[..., Scorer] | None = None  # (config, model, plan) -> scorer, for methods with state
                                                 # (a learned pruner); may raise ConfigError
+    prunes_prefill: bool = True  # drops prompt tokens at the schedule's layers
+    evicts: bool = False         # evicts KV entries while decoding, with a shadow set (runtime pruning)
 
     def build_scorer(self, config, model, plan) -> Scorer:
         return self.setup(config, model, plan) if self.setup is not None else self.score
@@ -55,8 +58,16 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    """A registered method, or ``"<prefill method>+runtime"``: prefill pruning, then decode-time eviction
+    (the prefill method's own revival is then off; the shadow set brings tokens back instead)."""
+    if isinstance(name, str) and name.endswith("+runtime") and name != "runtime":
+        prefill = get_method(name[: -len("+runtime")])
+        if not prefill.prunes_prefill:
+            raise ConfigError(f"{prefill.name!r} does not prune the prompt, so it cannot come before +runtime")
+        return dataclasses.replace(prefill, name=name, evicts=True, revive_default=False)
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
+        accepted = ", ".join(sorted(METHODS))
+        raise ConfigError(f"unknown method {name!r}; accepted: {accepted}, or '<method>+runtime'")
     return METHODS[name]
 
 
@@ -91,4 +102,14 @@ register(Method(
     needs_attention=False,
     revive_default=False,
     span_pool=False,
+))
+register(Method(
+    "runtime",
+    "decode-time KV eviction by accumulated attention, with a shadow set that readmits tokens (seed 000)",
+    score=None,
+    needs_attention=False,
+    revive_default=False,
+    span_pool=False,
+    prunes_prefill=False,
+    evicts=True,
 ))

@@ -50,3 +50,23 @@ def select(
     top = priority.sort(dim=-1, descending=True, stable=True).indices[:, :width]
     index = top.sort(dim=-1).values
     return index, chosen.gather(1, index)
+
+
+def eviction_mask(
+    scores: torch.Tensor,      # (B, K) accumulated attention of each cache slot
+    valid: torch.Tensor,       # (B, K) bool
+    protected: torch.Tensor,   # (B, K) bool: sinks and recent tokens, never evicted
+    target: torch.Tensor,      # (B,) live slots to keep at most (budget); K or more means no budget
+    threshold: float,          # also evict slots scoring below threshold x uniform (1 / live slots)
+) -> torch.Tensor:             # (B, K) bool: slots to evict
+    """Decode-time eviction: the lowest-scoring unprotected slots beyond the budget, and any slot
+    under the relative threshold. Ties break by slot order."""
+    n_live = valid.sum(-1, keepdim=True).clamp(min=1)
+    candidate = valid & ~protected
+    below = candidate & (scores * n_live < threshold)
+    over = (n_live[:, 0] - below.sum(-1) - target).clamp(min=0)          # (B,) still to evict for budget
+    ranked = scores.float().masked_fill(~candidate | below, float("inf"))
+    order = ranked.sort(dim=-1, stable=True).indices                      # lowest first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    budget_cut = candidate & ~below & (rank < over[:, None])
+    return below | budget_cut

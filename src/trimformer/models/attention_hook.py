@@ -25,6 +25,7 @@ class Probe:
     scorer: Callable[..., torch.Tensor]   # (query, key, scaling) -> (B, K) scores
     query_index: torch.Tensor             # (B, W) which query rows of each batch row to score with
     scores: torch.Tensor | None = None    # (B, K) filled by the wrapper
+    extra: dict | None = None             # anything else a scorer keeps (e.g. the query, for readmission)
 
     def capture(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         # query: (B, H, Q, hd), key: (B, Hkv, K, hd), both post-RoPE, key includes the cache

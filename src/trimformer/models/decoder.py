@@ -26,6 +26,7 @@ from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
 from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .runtime import RuntimeEviction, new_runtime_state
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -114,7 +115,8 @@ class DecoderPatch:
         self.method = method
         self.plan = plan
         self.revive = method.revive_default if config.revive is None else config.revive
-        self.score = method.build_scorer(config, model, plan)
+        self.score = method.build_scorer(config, model, plan) if method.prunes_prefill else None
+        self.runtime = RuntimeEviction(config, len(model.model.layers)) if method.evicts else None
         self.num_layers = len(self.base.layers)
         self.live: _Live | None = None
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
@@ -129,7 +131,7 @@ class DecoderPatch:
             self._handles.append(self.base.register_forward_hook(self._on_end, with_kwargs=True))
             for index, layer in enumerate(self.base.layers):
                 self._handles.append(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
-                if index in self.plan:
+                if index in self.plan or self.runtime is not None:
                     self._handles.append(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
             self._original_attn = self.model.config._attn_implementation
             self.model.config._attn_implementation = wrapped_name(self._original_attn)
@@ -169,7 +171,9 @@ class DecoderPatch:
         elif mask2d is not None:
             positions = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         else:
-            positions = torch.arange(past, past + length, device=device).expand(batch, -1)
+            state = getattr(cache, STATE_ATTR, None) if past else None
+            start = state.next_position[:, None] if state is not None else torch.full((batch, 1), past, device=device)
+            positions = start + torch.arange(length, device=device)
 
         prefill = past == 0
         if prefill:
@@ -184,6 +188,8 @@ class DecoderPatch:
                         "give a longer prompt or lower sinks / protect_last"
                     )
             self.state = TrimState(self.num_layers, lengths.cpu())
+            if self.runtime is not None:
+                self.state.runtime = new_runtime_state(self.num_layers)
         else:
             self.state = getattr(cache, STATE_ATTR, None)
             if self.state is None:
@@ -210,6 +216,8 @@ class DecoderPatch:
         elif hidden.shape[1] != live.n_input:
             hidden = hidden[:, : live.n_input]
         output.last_hidden_state = hidden
+        state.next_position = live.positions[:, : live.n_input].max(-1).values + 1 if live.prefill else \
+            live.positions[:, live.n_input - 1] + 1
         return output
 
     def _restore_prompt_order(self, hidden, live: _Live, state: TrimState) -> torch.Tensor:
@@ -250,6 +258,8 @@ class DecoderPatch:
                     setattr(cache, STATE_ATTR, state)
             if live.prefill:
                 state.computed[layer] += live.valid.sum(-1).cpu()
+            if state.runtime is not None:
+                state.runtime.seen[layer] += int(live.valid.sum())
 
             kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module_dtype(module))
             kwargs["position_embeddings"] = (live.cos, live.sin)
@@ -279,9 +289,17 @@ class DecoderPatch:
         return allowed[:, None]
 
     def _probe(self, layer: int, live: _Live, keys: LayerSlots) -> Probe | None:
+        cfg = self.config
+        if self.runtime is not None and not (layer in self.plan and live.prefill and self.method.needs_attention):
+            if live.prefill:
+                index, q_valid = last_valid_slots(live.valid, cfg.window)
+                return self.runtime.prefill_probe(live, keys, index, q_valid)
+            step = self.state.steps
+            if step % cfg.score_every == 0 or (cfg.readmit_every and step % cfg.readmit_every == 0):
+                return self.runtime.decode_probe(live, keys)
+            return None
         if layer not in self.plan:
             return None
-        cfg = self.config
         if live.prefill and self.method.needs_attention:
             index, q_valid = last_valid_slots(live.valid, cfg.window)
             q_pos = live.positions.gather(1, index)
@@ -306,9 +324,14 @@ class DecoderPatch:
             if live is None:
                 return None
             probe = kwargs.get(PROBE_KWARG)
-            if live.prefill:
+            if self.runtime is not None:
+                if live.prefill:
+                    self.runtime.after_prefill(layer, self.state, probe)
+                else:
+                    self.runtime.after_decode(layer, kwargs.get("past_key_values"), self.state, live, probe)
+            if live.prefill and layer in self.plan:
                 return self._prune(layer, output, probe)
-            if probe is not None:
+            if probe is not None and self.revive and layer in self.plan:
                 return self._revive(layer, output, probe)
             return None
 

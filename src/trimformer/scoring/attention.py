@@ -6,23 +6,27 @@ from __future__ import annotations
 import torch
 
 
-def attention_probs(
+def attention_logits(
     query: torch.Tensor,   # (B, H, W, hd)   post-RoPE queries of the scoring window
     key: torch.Tensor,     # (B, Hkv, K, hd) post-RoPE keys of the layer (cache included)
     scaling: float,
     q_pos: torch.Tensor,   # (B, W) original positions of the window queries
     k_pos: torch.Tensor,   # (B, K) original positions of the keys
     k_valid: torch.Tensor,  # (B, K) bool, False for padding / empty slots
-) -> torch.Tensor:         # (B, H, W, K) softmax over allowed keys; rows with none allowed are 0
-    """Causal (by original position), padding-aware attention probabilities of `query` over `key`."""
+) -> torch.Tensor:         # (B, H, W, K) scaled logits, -inf where a query may not look
+    """Causal (by original position), padding-aware attention logits of `query` over `key` (GQA aware)."""
     b, h, w, hd = query.shape
     hkv = key.shape[1]
     q = query.reshape(b, hkv, h // hkv, w, hd)                                   # (B, Hkv, G, W, hd)
     logits = torch.einsum("bhgwd,bhkd->bhgwk", q.float(), key.float()) * scaling  # (B, Hkv, G, W, K)
     allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])     # (B, W, K)
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs.reshape(b, h, w, -1)
+    return logits.reshape(b, h, w, -1)
+
+
+def attention_probs(query, key, scaling, q_pos, k_pos, k_valid) -> torch.Tensor:
+    """(B, H, W, K) softmax of `attention_logits` over allowed keys; rows with none allowed are 0."""
+    return torch.softmax(attention_logits(query, key, scaling, q_pos, k_pos, k_valid), dim=-1).nan_to_num(0.0)
 
 
 def last_query_attention(

@@ -1,0 +1,201 @@
+"""Decode-time KV eviction with a shadow set (seed 000's runtime pruning), for the decoder adapter.
+
+Per layer and decoding step: the newest query's attention over the layer's cache (from its query and
+keys) is accumulated with decay per cache slot; every `evict_every` steps the lowest-scoring slots
+beyond the budget (and any under the threshold) move, keys and values as they were, to the shadow
+set; every `readmit_every` steps the newest query is scored against the shadow keys and tokens it
+attends to strongly return to the cache at their original positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
+from ..config import TrimConfig
+from ..policy import eviction_mask
+from ..scoring import accumulate, last_query_attention, shadow_attention
+from ..scoring.attention import attention_logits
+from .attention_hook import Probe
+
+
+def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, K, hd), index (B, K') -> (B, Hkv, K', hd)."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def _first_where(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, K) bool -> (B, width) slot indices: the True slots first, in slot order."""
+    return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+
+
+class RuntimeEviction:
+    def __init__(self, config: TrimConfig, num_layers: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.shadow_dtype = getattr(torch, config.shadow_dtype) if config.shadow_dtype else None
+
+    # ---- probes ------------------------------------------------------------------------------
+    def prefill_probe(self, live, keys: LayerSlots, index: torch.Tensor, q_valid: torch.Tensor) -> Probe:
+        """Seed the accumulated scores with the mean attention of the prompt's last queries."""
+        q_pos = live.positions.gather(1, index)
+
+        def scorer(query, key, scaling):
+            return last_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid, q_valid, "mean")
+
+        return Probe(scorer, index)
+
+    def decode_probe(self, live, keys: LayerSlots) -> Probe:
+        """Newest query's attention (mean over heads) over the cache, keeping its query and log-sum-exp."""
+        index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
+        q_pos = live.positions.gather(1, index)
+        probe = Probe(None, index)
+
+        def scorer(query, key, scaling):
+            logits = attention_logits(query, key, scaling, q_pos, keys.positions, keys.valid)[:, :, 0]  # (B, H, K)
+            lse = torch.logsumexp(logits, dim=-1)                                                      # (B, H)
+            probe.extra = {"query": query.detach(), "lse": lse, "scaling": scaling}
+            return torch.exp(logits - lse[:, :, None]).nan_to_num(0.0).mean(dim=1)                     # (B, K)
+
+        probe.scorer = scorer
+        return probe
+
+    # ---- after a layer -----------------------------------------------------------------------
+    def after_prefill(self, layer: int, state: TrimState, probe: Probe | None) -> None:
+        if probe is not None and probe.scores is not None and state.slots[layer] is not None:
+            state.runtime.scores[layer] = probe.scores
+
+    def after_decode(self, layer: int, cache, state: TrimState, live, probe: Probe | None) -> None:
+        rt, cfg = state.runtime, self.config
+        slots = state.slots[layer]
+        if slots is None:
+            return
+        if probe is not None and probe.scores is not None:
+            previous = rt.scores[layer] if rt.scores[layer] is not None else probe.scores[:, :0]
+            rt.scores[layer] = accumulate(previous, probe.scores, cfg.decay)
+        elif rt.scores[layer] is None or rt.scores[layer].shape[1] != slots.positions.shape[1]:
+            old = rt.scores[layer] if rt.scores[layer] is not None else slots.positions[:, :0].float()
+            rt.scores[layer] = accumulate(old, torch.zeros_like(slots.positions, dtype=torch.float), 1.0)
+        newest = live.positions[:, live.n_input - 1: live.n_input]                # (B, 1)
+        if state.steps % cfg.evict_every == 0:
+            self._evict(layer, cache, state, newest)
+        if cfg.readmit_every and state.steps % cfg.readmit_every == 0 and probe is not None:
+            extra = getattr(probe, "extra", None)
+            if extra is not None:
+                self._readmit(layer, cache, state, extra)
+
+    # ---- eviction ----------------------------------------------------------------------------
+    def _target(self, state: TrimState, device) -> torch.Tensor:
+        seen = state.prompt_lengths.to(device) + state.steps                      # (B,) tokens of each row
+        budget = self.config.budget
+        if budget is None:
+            return torch.full_like(seen, 1 << 62)
+        if isinstance(budget, float):
+            return torch.ceil(seen.double() * budget).long()
+        return torch.full_like(seen, int(budget))
+
+    def _evict(self, layer: int, cache, state: TrimState, newest: torch.Tensor) -> None:
+        rt, cfg = state.runtime, self.config
+        slots, scores = state.slots[layer], rt.scores[layer]
+        protected = slots.valid & (
+            (slots.positions < cfg.sinks) | (slots.positions > newest - cfg.recent)
+        )
+        target = self._target(state, scores.device)
+        if cfg.budget is None and cfg.pruning_threshold == 0:
+            return
+        evict = eviction_mask(scores, slots.valid, protected, target, cfg.pruning_threshold)
+        if not bool(evict.any()):
+            return
+        layer_cache = cache.layers[layer]
+        keep = slots.valid & ~evict
+        # evicted keys and values move to the shadow set, untouched
+        moved = _first_where(evict, int(evict.sum(-1).max()))
+        self._to_shadow(layer, state, ShadowLayer(
+            keys=_gather_slots(layer_cache.keys, moved),
+            values=_gather_slots(layer_cache.values, moved),
+            positions=slots.positions.gather(1, moved),
+            valid=evict.gather(1, moved),
+            scores=scores.gather(1, moved),
+        ))
+        rt.evicted[layer] += int(evict.sum())
+        # the cache keeps the rest (rows keeping fewer slots get masked filler)
+        priority = keep.long() * 2 + (~slots.valid).long()
+        index = priority.sort(dim=-1, descending=True, stable=True).indices[:, : int(keep.sum(-1).max())]
+        index = index.sort(dim=-1).values
+        layer_cache.keys = _gather_slots(layer_cache.keys, index)
+        layer_cache.values = _gather_slots(layer_cache.values, index)
+        state.slots[layer] = LayerSlots(slots.positions.gather(1, index), keep.gather(1, index))
+        rt.scores[layer] = scores.gather(1, index)
+
+    def _to_shadow(self, layer: int, state: TrimState, entry: ShadowLayer) -> None:
+        rt, cfg = state.runtime, self.config
+        device = torch.device(cfg.shadow_device) if cfg.shadow_device else entry.keys.device
+        dtype = self.shadow_dtype or entry.keys.dtype
+        entry.keys = entry.keys.to(device=device, dtype=dtype)
+        entry.values = entry.values.to(device=device, dtype=dtype)
+        old = rt.shadow[layer]
+        if old is not None:
+            entry = ShadowLayer(
+                keys=torch.cat([old.keys, entry.keys], 2),
+                values=torch.cat([old.values, entry.values], 2),
+                positions=torch.cat([old.positions, entry.positions.to(old.positions.device)], 1),
+                valid=torch.cat([old.valid, entry.valid.to(old.valid.device)], 1),
+                scores=torch.cat([old.scores, entry.scores.to(old.scores.device)], 1),
+            )
+        rt.shadow[layer] = self._bound(layer, state, entry)
+
+    def _bound(self, layer: int, state: TrimState, entry: ShadowLayer) -> ShadowLayer:
+        """Keep at most `shadow_size` valid tokens per row (the highest-scoring); the rest are dropped
+        for good and counted. Also compacts away invalid slots."""
+        limit = self.config.shadow_size
+        valid = entry.valid
+        if limit is not None:
+            ranked = entry.scores.float().masked_fill(~valid, -math.inf)
+            order = ranked.sort(dim=-1, descending=True, stable=True).indices
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            over = valid & (rank >= limit)
+            state.runtime.dropped[layer] += int(over.sum())
+            valid = valid & ~over
+        width = int(valid.sum(-1).max())
+        index = _first_where(valid, width)
+        return ShadowLayer(
+            keys=_gather_slots(entry.keys, index.to(entry.keys.device)),
+            values=_gather_slots(entry.values, index.to(entry.keys.device)),
+            positions=entry.positions.gather(1, index),
+            valid=valid.gather(1, index),
+            scores=entry.scores.gather(1, index),
+        )
+
+    # ---- readmission -------------------------------------------------------------------------
+    def _readmit(self, layer: int, cache, state: TrimState, extra: dict) -> None:
+        rt, cfg = state.runtime, self.config
+        shadow = rt.shadow[layer]
+        if shadow is None or not bool(shadow.valid.any()):
+            return
+        slots = state.slots[layer]
+        layer_cache = cache.layers[layer]
+        device, dtype = layer_cache.keys.device, layer_cache.keys.dtype
+        keys = shadow.keys.to(device=device)
+        attention = shadow_attention(extra["query"], keys, extra["scaling"], extra["lse"])   # (B, N)
+        n_live = slots.valid.sum(-1, keepdim=True).clamp(min=1)
+        wanted = shadow.valid.to(device) & (attention * n_live >= cfg.readmit_threshold)
+        width = min(cfg.readmit_max, int(wanted.sum(-1).max()))
+        if width == 0:
+            return
+        top = attention.masked_fill(~wanted, -1.0).topk(width, dim=-1).indices             # (B, R)
+        chosen = wanted.gather(1, top)
+        layer_cache.keys = torch.cat([layer_cache.keys, _gather_slots(keys, top).to(dtype)], 2)
+        layer_cache.values = torch.cat(
+            [layer_cache.values, _gather_slots(shadow.values.to(device), top).to(dtype)], 2)
+        state.slots[layer] = slots.extend(shadow.positions.to(device).gather(1, top), chosen)
+        rt.scores[layer] = torch.cat([rt.scores[layer], attention.gather(1, top)], 1)
+        top_s = top.to(shadow.valid.device)
+        shadow.valid.scatter_(1, top_s, shadow.valid.gather(1, top_s) & ~chosen.to(shadow.valid.device))
+        rt.readmitted[layer] += int(chosen.sum())
+        rt.shadow[layer] = self._bound(layer, state, shadow)
+
+
+def new_runtime_state(num_layers: int) -> RuntimeState:
+    return RuntimeState(num_layers)

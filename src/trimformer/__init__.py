@@ -5,6 +5,7 @@ from .config import TrimConfig
 from .errors import ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedModelError
 from .loading import load_model
 from .methods import METHODS
+from .token_pruner import TokenPruner
 
 __all__ = [
     "METHODS",
@@ -12,6 +13,7 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "TrimConfig",
+    "TokenPruner",
     "TrimformerError",
     "UnsupportedModelError",
     "is_trimmed",

@@ -24,6 +24,7 @@ def trim(model: torch.nn.Module, config: TrimConfig | dict | str | None = None, 
     On any error the model is left exactly as it was.
     """
     cfg = TrimConfig.coerce(config, options)
+    cfg.validate()
     method = get_method(cfg.method)
     layers = _decoder_layers(model)
     plan = cfg.resolve_schedule(len(layers), preset_for(model.config)) if method.prunes_prefill else {}

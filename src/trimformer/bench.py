@@ -85,3 +85,59 @@ def format_table(rows: list[PrefillRow]) -> str:
 def write_json(rows, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"results": [asdict(r) for r in rows]}, indent=2) + "\n")
+
+
+@dataclass
+class DecodeRow:
+    method: str
+    budget: float | int | None
+    full_tokens_per_s: float
+    trimmed_tokens_per_s: float
+    speedup: float
+    full_kv_bytes: int
+    trimmed_kv_bytes: int
+    peak_rss_bytes: int
+
+
+@torch.inference_mode()
+def decode_run(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored); returns (tokens/s, KV bytes at the end)."""
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    elapsed = time.perf_counter() - start
+    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return new_tokens / elapsed, kv
+
+
+def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: TrimConfig,
+                 repeats: int = 2, warmup: int = 1, progress: bool = True) -> DecodeRow:
+    """Decoding throughput, full vs trimmed, alternating in one process (medians)."""
+    import resource
+
+    ids = make_needle(tokenizer, prompt_length, depth=0.5, seed=prompt_length).input_ids
+    full, trimmed = [], []
+    full_kv = trimmed_kv = 0
+    for rep in tqdm(range(warmup + repeats), desc="bench decode", disable=not progress):
+        speed_full, full_kv = decode_run(model, ids, new_tokens if rep >= warmup else 8)
+        trim(model, config)
+        speed_trim, trimmed_kv = decode_run(model, ids, new_tokens if rep >= warmup else 8)
+        untrim(model)
+        if rep >= warmup:
+            full.append(speed_full)
+            trimmed.append(speed_trim)
+    f, t = statistics.median(full), statistics.median(trimmed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return DecodeRow(config.method, config.budget, f, t, t / f, full_kv, trimmed_kv, peak)
+
+
+def format_decode_table(rows: list[DecodeRow]) -> str:
+    head = f"{'method':>14} {'budget':>7} {'full tok/s':>11} {'trimmed tok/s':>14} {'speedup':>8} {'KV full MB':>11} {'KV trimmed MB':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.method:>14} {str(r.budget):>7} {r.full_tokens_per_s:>11.2f} {r.trimmed_tokens_per_s:>14.2f} "
+                     f"{r.speedup:>7.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
+    return "\n".join(lines)

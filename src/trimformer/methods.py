@@ -14,6 +14,7 @@ import torch
 
 from .errors import ConfigError
 from .scoring import head_tail_scores, last_query_attention, random_scores, recency_scores
+from .scoring.learned import setup_sdtp
 
 
 @dataclass
@@ -112,4 +113,13 @@ register(Method(
     span_pool=False,
     prunes_prefill=False,
     evicts=True,
+))
+register(Method(
+    "sdtp",
+    "SDTP: a learned MLP per stage predicts token saliency from the hidden state (pruner=PATH)",
+    score=None,
+    needs_attention=False,
+    revive_default=True,
+    span_pool=True,
+    setup=setup_sdtp,
 ))

@@ -1,0 +1,155 @@
+"""Runtime pruning while decoding: KV eviction with a shadow set (issue: runtime token pruning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unpatched, left_pad, make_model, make_prompt
+
+import trimformer
+from trimformer import ConfigError, TokenPruner
+
+
+def _decode(model, ids, steps, mask=None):
+    """Prefill + `steps` greedy steps with the cache; returns (tokens (B, steps), cache)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        tokens = [token]
+        for _ in range(steps - 1):
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+            tokens.append(token)
+    return torch.stack(tokens, 1), cache
+
+
+def _untrimmed_keys(model, ids):
+    """Per-layer keys and values (B, Hkv, T, hd) of the untrimmed model's prefill."""
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def test_threshold_zero_equals_unpatched(llama):
+    ids = make_prompt(120, seed=1)
+    ref = llama.generate(ids, max_new_tokens=32, do_sample=False)
+    trimformer.trim(llama, method="runtime", pruning_threshold=0.0)
+    out = llama.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(out, ref)
+    assert trimformer.stats(llama)["total_tokens_pruned"] == 0
+
+
+def test_threshold_zero_batch_equals_unpatched(llama):
+    ids, mask = left_pad([make_prompt(80, seed=2)[0], make_prompt(50, seed=3)[0]])
+    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    trimformer.trim(llama, method="runtime")
+    out = llama.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):
+    ids = make_prompt(100, seed=4)
+    reference = _untrimmed_keys(llama, ids)
+    trimformer.trim(llama, method="runtime", budget=0.5, evict_every=1, readmit_every=0, recent=8)
+    _, cache = _decode(llama, ids, 3)
+    state = cache._trimformer_state
+    for layer, shadow in enumerate(state.runtime.shadow):
+        assert shadow is not None and bool(shadow.valid.any())
+        pos = shadow.positions[0][shadow.valid[0]]
+        assert (pos < 100).all(), "only prompt tokens can have been evicted this early"
+        keys = shadow.keys[0][:, shadow.valid[0]]
+        ref_keys, ref_values = reference[layer]
+        assert torch.equal(keys, ref_keys[0][:, pos])
+        assert torch.equal(shadow.values[0][:, shadow.valid[0]], ref_values[0][:, pos])
+        # the cache keeps the budget: ceil(0.5 * tokens seen) live slots
+        assert int(state.slots[layer].valid.sum()) == -(-(100 + state.steps) // 2)
+
+
+def test_readmission_restores_exact_keys_at_their_positions(llama):
+    ids = make_prompt(100, seed=5)
+    reference = _untrimmed_keys(llama, ids)
+    # evict at step 1, readmit everything worth any attention at step 2
+    trimformer.trim(llama, method="runtime", budget=0.5, evict_every=1, readmit_every=2,
+                    readmit_threshold=0.0, readmit_max=5, recent=8)
+    _, cache = _decode(llama, ids, 3)
+    state = cache._trimformer_state
+    assert trimformer.stats(llama)["total_tokens_reintroduced"] > 0
+    for layer in range(len(cache.layers)):
+        slots = state.slots[layer]
+        back = slots.positions.shape[1] - 5                         # readmitted slots were appended last
+        pos = slots.positions[0, back:]
+        assert bool(slots.valid[0, back:].all())
+        ref_keys, ref_values = reference[layer]
+        assert torch.equal(cache.layers[layer].keys[0][:, back:], ref_keys[0][:, pos])
+        assert torch.equal(cache.layers[layer].values[0][:, back:], ref_values[0][:, pos])
+
+
+@pytest.mark.parametrize("method", ["runtime", "lazy+runtime"])
+def test_every_token_is_in_cache_shadow_or_dropped(llama, method):
+    ids, mask = left_pad([make_prompt(90, seed=6)[0], make_prompt(70, seed=7)[0]])
+    options = dict(keep=0.6, layers=(1, 3), sinks=2, protect_last=4, window=8, span=3) if "lazy" in method else {}
+    trimformer.trim(llama, method=method, budget=0.5, evict_every=2, readmit_every=3, readmit_threshold=1.0,
+                    shadow_size=10, recent=4, **options)
+    _decode(llama, ids, 12, mask)
+    info = trimformer.stats(llama)
+    assert info["total_tokens_pruned"] > 0 and info["total_tokens_dropped"] > 0
+    for row in info["per_layer"]:
+        assert row["seen"] == row["in_cache"] + row["in_shadow"] + row["dropped"], row
+        assert row["in_shadow"] <= 2 * 10                               # bounded: 10 per row
+    assert info["total_tokens_seen"] == sum(r["seen"] for r in info["per_layer"])
+
+
+def test_batch_rows_equal_rows_alone(llama):
+    rows = [make_prompt(90, seed=8)[0], make_prompt(60, seed=9)[0]]
+    ids, mask = left_pad(rows)
+    options = dict(method="runtime", budget=0.5, evict_every=2, readmit_every=2, recent=4)
+    trimformer.trim(llama, **options)
+    batch, _ = _decode(llama, ids, 10, mask)
+    for b, row in enumerate(rows):
+        alone, _ = _decode(llama, row[None], 10)
+        assert torch.equal(batch[b], alone[0]), b
+
+
+@pytest.mark.parametrize("bad", [
+    {"budget": 1.5}, {"budget": 0}, {"budget": -3}, {"budget": True}, {"decay": 2.0},
+    {"pruning_threshold": -1}, {"readmit_threshold": -0.5}, {"shadow_size": -1},
+    {"shadow_dtype": "int8"}, {"evict_every": 0}, {"method": "runtime+runtime"},
+])
+def test_bad_runtime_options_raise(llama, bad):
+    options = {"method": "runtime", **bad}
+    with pytest.raises(ConfigError) as info:
+        trimformer.trim(llama, **options)
+    assert str(info.value)
+    assert_unpatched(llama)
+
+
+def test_token_pruner_standalone():
+    pruner = TokenPruner(pruning_threshold=0.5, reintroduce_threshold=1.0, protect_first=1, protect_last=1)
+    # 1 head, 2 queries over 5 tokens: mean attention received = [0.3, 0.05, 0.4, 0.05, 0.2]
+    weights = torch.tensor([[[0.4, 0.1, 0.3, 0.1, 0.1], [0.2, 0.0, 0.5, 0.0, 0.3]]])
+    scores = pruner.score_tokens(weights, [10, 11, 12, 13, 14])
+    assert torch.allclose(scores, torch.tensor([0.3, 0.05, 0.4, 0.05, 0.2]))
+    hidden = torch.arange(10.0).view(5, 2)
+    tokens, kept = pruner.prune_tokens(["a", "b", "c", "d", "e"], hidden)
+    # uniform = 0.2, threshold 0.5 x uniform = 0.1: tokens 11 and 13 go to the shadow set
+    assert tokens == ["a", "c", "e"]
+    assert torch.equal(kept, hidden[[0, 2, 4]])
+    assert sorted(pruner.shadow) == [11, 13]
+    back = pruner.reintroduce({11: 0.5, 13: 0.01}, live_tokens=3)   # 0.5 x 3 >= 1.0; 0.03 < 1.0
+    assert [i for i, _, _ in back] == [11] and torch.equal(back[0][2], hidden[1])
+    stats = pruner.get_pruning_stats()
+    assert (stats["total_tokens_seen"], stats["total_tokens_pruned"], stats["total_tokens_reintroduced"]) == (5, 2, 1)
+    assert stats["shadow_bytes"] == 2 * 4                               # one (2,) float32 hidden left
+
+
+def test_token_pruner_on_a_model_matches_trim(llama):
+    ids = make_prompt(100, seed=10)
+    pruner = TokenPruner(pruning_threshold=0.0, budget=0.5, evict_every=2, readmit_every=0, recent=8)
+    pruner.apply(llama)
+    _decode(llama, ids, 6)
+    stats = pruner.get_pruning_stats()
+    assert stats["total_tokens_pruned"] > 0
+    assert stats["kv_bytes"] < 2 * 6 * 105 * 2 * 16 * 4                # below the full cache's bytes
+    assert all(r["seen"] == r["in_cache"] + r["in_shadow"] + r["dropped"] for r in stats["per_layer"])

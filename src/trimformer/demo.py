@@ -17,9 +17,8 @@ def run_demo(model_name: str = "smollm2-135m", length: int = 4096, depth: float 
     print(f"loading {model_name} ...", flush=True)
     model, tokenizer = load_model(model_name)
     item = make_needle(tokenizer, length, depth, seed=7)
-    question = tokenizer.decode(item.input_ids[0, item.context_end:], skip_special_tokens=True).strip()
     print(f"prompt: {item.length} tokens of Paul Graham essays; a fact is hidden at {depth:.0%} of them.")
-    print(f"question (end of the prompt): {question!r}\n")
+    print(f"question (end of the prompt): {item.question!r}\n")
 
     # warm up both paths once so neither pays first-call costs
     time_to_first_token(model, item.input_ids[:, -512:])

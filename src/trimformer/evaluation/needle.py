@@ -31,6 +31,7 @@ class NeedleItem:
     context_end: int          # one past the last haystack token (question follows)
     depth: float
     length: int
+    question: str = ""        # the question asked at the end of the prompt
 
 
 def default_essay_dir() -> Path:
@@ -111,6 +112,7 @@ def make_needle(
         context_end=len(head) + budget + len(needle_ids),
         depth=depth,
         length=len(ids),
+        question=QUESTION.format(city=city),
     )
 
 

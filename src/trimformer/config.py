@@ -46,7 +46,7 @@ class TrimConfig:
     pruning_threshold: float = 0.0          # also evict tokens whose accumulated attention < this x uniform
     decay: float = 0.9                      # accumulated attention = decay x old + new (heavy hitters)
     recent: int = 32                        # newest tokens never evicted
-    score_every: int = 1                    # decoding steps between attention accumulations
+    score_every: int = 4                    # decoding steps between attention accumulations
     evict_every: int = 8                    # decoding steps between evictions
     readmit_every: int = 4                  # decoding steps between shadow-set checks (0 = never readmit)
     readmit_threshold: float = 10.0         # readmit a shadow token whose attention is >= this x uniform

@@ -12,7 +12,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 VENV="${KVPRESS_VENV:-$HERE/.venv-kvpress}"
 PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import kvpress, trimformer.evaluation" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import kvpress, rouge_score, rapidfuzz, trimformer.evaluation" 2>/dev/null; then
   echo "[kvpress_compare] creating $VENV (once)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"

@@ -189,8 +189,10 @@ def _eval_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import report as report_mod
-    from .evaluation import tasks as ev
+    import importlib
+
+    report_mod = importlib.import_module("trimformer.evaluation.report")
+    ev = importlib.import_module("trimformer.evaluation.tasks")
     from .evaluation.runner import parse_variants
 
     if args.task == "report":
@@ -221,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = ev.run_evaluation(args.task, model, tokenizer, variants, items, json_path=args.json, settings=settings,
                              progress=not args.no_progress, fidelity_tokens=args.tokens,
                              plots=args.plots or "auto", log=lambda m: print(m, file=sys.stderr))
-    text = report_mod.format_table(data["results"], fidelity=args.task == "fidelity")
+    text = report_mod.format_table(data.get("full", []) + data["results"], fidelity=args.task == "fidelity")
     groups = report_mod.format_groups(data.get("groups", []))
     print(text + (f"\n\n{groups}" if groups else ""))
     if args.table:

@@ -14,7 +14,7 @@ from ..errors import InputError
 
 def load_results(paths: Iterable[str | Path]) -> dict[str, Any]:
     """Merge the rows, group rows and needle grids of several results files (in order)."""
-    merged: dict[str, Any] = {"results": [], "groups": [], "needle_grid": {}}
+    merged: dict[str, Any] = {"results": [], "full": [], "groups": [], "needle_grid": {}}
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -26,6 +26,7 @@ def load_results(paths: Iterable[str | Path]) -> dict[str, Any]:
         if not isinstance(data, dict) or "results" not in data:
             raise InputError(f"{path} has no \"results\": not a trimformer eval results file")
         merged["results"].extend(data.get("results", []))
+        merged["full"].extend(data.get("full", []))
         merged["groups"].extend(data.get("groups", []))
         for label, cells in (data.get("needle_grid") or {}).items():
             key = label if label not in merged["needle_grid"] else f"{label} ({path.stem})"
@@ -147,9 +148,10 @@ def needle_heatmap(grid: dict[str, list[dict[str, Any]]], path: str | Path) -> P
     depths = sorted({c["depth"] for cells in grid.values() for c in cells})
     cols = min(4, len(labels))
     rows_n = (len(labels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.3 * cols + 1, 2.6 * rows_n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.4 * cols + 1.2, 2.7 * rows_n + 0.4), squeeze=False,
+                             constrained_layout=True)
     image = None
-    for ax, label in zip(axes.flat, labels):
+    for n, (ax, label) in enumerate(zip(axes.flat, labels)):
         mat = np.full((len(depths), len(lengths)), np.nan)
         acc: dict[tuple[int, int], list[float]] = {}
         for c in grid[label]:
@@ -162,11 +164,12 @@ def needle_heatmap(grid: dict[str, list[dict[str, Any]]], path: str | Path) -> P
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=6)
         ax.set_xlabel("context length", fontsize=7)
-        ax.set_ylabel("needle depth", fontsize=7)
+        if n % cols == 0:
+            ax.set_ylabel("needle depth", fontsize=7)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="found")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share found")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -178,7 +181,7 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     """Pareto plots per task group (or per task, and for the average), and the needle heatmap."""
     folder = Path(folder)
     written: list[Path] = []
-    rows = data.get("results", [])
+    rows = list(data.get("full", [])) + list(data.get("results", []))
     groups = data.get("groups", [])
     for group in dict.fromkeys(r["group"] for r in groups):
         p = pareto_plot([r for r in groups if r["group"] == group], folder / f"pareto_{_slug(group)}.png",
@@ -206,7 +209,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, plots: st
     """The merged table (and group table) of several results files; written to `out` if given."""
     data = load_results(paths)
     fidelity = any("kl" in r for r in data["results"])
-    text = format_table(data["results"], fidelity=fidelity)
+    text = format_table(data["full"] + data["results"], fidelity=fidelity)
     groups = format_groups(data["groups"])
     if groups:
         text += "\n\nTask groups (mean score over the group's tasks):\n\n" + groups

@@ -343,18 +343,24 @@ class Evaluation:
             record = self._run_one(item, v, eos, stop_nl if item.first_line else None, cells, full_cache)
             cells[task, v]["records"][item.id] = record
             self.ran += 1
-            self.store.data["results"], self.store.data["groups"] = self.summarise(cells)
-            self.store.data["kind"] = self.kind
+            self._publish(cells)
             self.store.save()
             bar.update()
         bar.close()
-        rows, group_rows = self.summarise(cells)
-        self.store.data["results"], self.store.data["groups"] = rows, group_rows
-        self.store.data["kind"] = self.kind
+        self._publish(cells)
         if self.kind == "needle":
             self.store.data["needle_grid"] = self.needle_grid(cells)
         self.store.save()
-        return rows
+        return self.store.data["results"]
+
+    def _publish(self, cells) -> None:
+        """The summary in the results file: "results" (the contract's rows, pruned variants only),
+        "full" (the full model's own rows, for the tables), "groups" (task-group averages)."""
+        rows, group_rows = self.summarise(cells)
+        self.store.data["kind"] = self.kind
+        self.store.data["results"] = [r for r in rows if r["method"] != FULL]
+        self.store.data["full"] = [r for r in rows if r["method"] == FULL]
+        self.store.data["groups"] = group_rows
 
     # -- one record --
     def _done(self, cell, item: EvalItem) -> bool:
@@ -373,11 +379,14 @@ class Evaluation:
     def _run_one(self, item, v, eos, stop, cells, full_cache) -> dict[str, Any]:
         keep_lp = 1 if self.kind == "fidelity" else 0
         max_new = self.fidelity_tokens if self.kind == "fidelity" else item.max_new_tokens
+        cpu = time.process_time()
         decoded = self.backend.generate(self.model, v, item.input_ids, max_new, eos, stop, keep_lp)
+        cpu = time.process_time() - cpu
         text = self.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
         record: dict[str, Any] = {
             "ttft_s": round(decoded.ttft_s, 4),
             "total_s": round(decoded.total_s, 4),
+            "cpu_s": round(cpu, 3),
             "prompt_tokens": int(item.input_ids.shape[1]),
             "new_tokens": len(decoded.tokens),
             "compute": round(decoded.compute_share, 5),

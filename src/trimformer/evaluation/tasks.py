@@ -113,6 +113,7 @@ def fidelity_items(tokenizer, data: str | Path | None = None, tasks: str | Seque
         for group in items.values():
             for item in group:
                 item.metric = "fidelity"
+                item.first_line = False  # compare the first N tokens, whatever the lines
         return items
     texts = _read_prompts(prompts)[:limit] if limit else _read_prompts(prompts)
     use_chat = chat != "never"

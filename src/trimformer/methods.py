@@ -123,3 +123,32 @@ register(Method(
     span_pool=True,
     setup=setup_sdtp,
 ))
+
+
+# ---- encoders (models/encoder.py) ----------------------------------------------------------------
+def _tome_setup(config, model, plan) -> Scorer:
+    """ToMe merges inside encoders; the decoder adapter (which prunes by scores) cannot run it."""
+    raise ConfigError(
+        f"method 'tome' merges tokens in encoders (BERT, ViT, DeiT, CLIP vision); {type(model).__name__} "
+        "is a decoder: use lazy, sdtp, random, static or truncate there"
+    )
+
+
+register(Method(
+    "tome",
+    "ToMe: bipartite soft matching merges r similar tokens per layer (encoders); adaptive=True: ATS decides "
+    "per input how many",
+    score=None,
+    needs_attention=False,
+    revive_default=False,
+    span_pool=False,
+    setup=_tome_setup,
+))
+register(Method(
+    "cls_attention",
+    "attention of the [CLS] query (encoders; on decoders, the last queries' attention as in lazy)",
+    score=lambda s: s.attention,
+    needs_attention=True,
+    revive_default=False,
+    span_pool=False,
+))

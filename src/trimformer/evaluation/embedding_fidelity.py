@@ -1,0 +1,131 @@
+"""Sentence-embedding fidelity of a trimmed encoder: cosine of mean-pooled embeddings, trimmed vs full.
+
+    python -m trimformer.evaluation.embedding_fidelity --model minilm-l6 \
+        --config '{"method": "tome", "reduction_ratio": 0.3}' --json out.json
+
+reads SST-2 sentences (sst2/dev.tsv, column `text`) and QNLI questions and sentences (qnli/dev.tsv) from
+the shared data folder, embeds each with the full model and the trimmed one (same batches, in one
+process), and reports the mean, minimum and 5th percentile cosine, the share of token-layer work done
+and the FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from ..api import stats, trim, untrim
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def read_sentences(task: str, data: str | Path = DEFAULT_DATA, limit: int | None = None) -> list[str]:
+    """SST-2: the `text` column of sst2/dev.tsv. QNLI: questions and sentences of qnli/dev.tsv (alternating)."""
+    from ..errors import InputError
+
+    path = Path(data) / task / "dev.tsv"
+    if not path.exists():
+        raise InputError(f"no {path}: give --data, the folder holding sst2/ and qnli/")
+    out: list[str] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if task == "sst2":
+                out.append(row["text"].strip())
+            elif task == "qnli":
+                out.extend([row["question"].strip(), row["sentence"].strip()])
+            else:
+                raise InputError(f"task must be sst2 or qnli, got {task!r}")
+            if limit is not None and len(out) >= limit:
+                break
+    return [s for s in out if s][:limit]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, T) -> (B, D): the mean over real tokens (sentence-transformers' pooling)."""
+    m = mask[:, :, None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.inference_mode()
+def embed(model, tokenizer, sentences: list[str], batch: int = 32, max_length: int = 128) -> torch.Tensor:
+    out = []
+    for i in range(0, len(sentences), batch):
+        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                       token_type_ids=enc.get("token_type_ids")).last_hidden_state
+        out.append(mean_pool(hidden, enc["attention_mask"]))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def embedding_fidelity(model, tokenizer, sentences: list[str], config: dict, batch: int = 32) -> dict:
+    """Embed with the full and the trimmed model, batch by batch; cosine per sentence and summary."""
+    cosines: list[float] = []
+    kept, ratios = [], []
+    for i in range(0, len(sentences), batch):
+        chunk = sentences[i:i + batch]
+        full = embed(model, tokenizer, chunk, batch)
+        trim(model, dict(config))
+        try:
+            trimmed = embed(model, tokenizer, chunk, batch)
+            s = stats(model)
+        finally:
+            untrim(model)
+        cosines += torch.nn.functional.cosine_similarity(full, trimmed, dim=-1).tolist()
+        kept.append((s["kept_fraction"], len(chunk)))
+        ratios.append((s["flop_ratio"], len(chunk)))
+    n = len(cosines)
+    ordered = sorted(cosines)
+    return {
+        "sentences": n,
+        "mean_cosine": statistics.fmean(cosines),
+        "min_cosine": ordered[0],
+        "p05_cosine": ordered[max(0, int(0.05 * n) - 1)],
+        "kept_fraction": sum(k * c for k, c in kept) / n,
+        "flop_ratio": sum(r * c for r, c in ratios) / n,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..loading import load_model
+
+    p = argparse.ArgumentParser(prog="python -m trimformer.evaluation.embedding_fidelity",
+                                description="cosine of mean-pooled embeddings, trimmed vs full")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--config", default='{"method": "tome", "reduction_ratio": 0.3}',
+                   help="trim configuration as JSON (default: %(default)s)")
+    p.add_argument("--tasks", default="sst2,qnli")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--limit", type=int, default=None, help="sentences per task (default: all)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    config = json.loads(args.config)
+    results = []
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        sentences = read_sentences(task, args.data, args.limit)
+        row = {"task": task, "model": args.model, "config": config,
+               **embedding_fidelity(model, tokenizer, sentences, config, args.batch)}
+        results.append(row)
+        print(f"{task}: {row['sentences']} sentences, mean cosine {row['mean_cosine']:.4f}, "
+              f"p05 {row['p05_cosine']:.4f}, min {row['min_cosine']:.4f}, kept {row['kept_fraction']:.3f}, "
+              f"flop ratio {row['flop_ratio']:.2f}x", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

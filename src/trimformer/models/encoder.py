@@ -1,0 +1,575 @@
+"""Adapter for encoders: BERT (and models built on BertModel), ViT, DeiT and the CLIP vision tower.
+
+Every token sees every other token in an encoder, so a token can be dropped or merged anywhere; this
+adapter does it where ToMe does, inside each layer between the attention block and the MLP, so the
+layer's MLP already runs on fewer tokens. Per forward:
+
+* the base model's pre-hook reads the 2-D attention mask (text) and starts the live-token state;
+* each layer's forward is replaced (per instance; `remove` deletes the override, restoring the class
+  method exactly) by the family's own sequence of calls, with the attention mask rebuilt from the live
+  tokens (padding and filler masked, log(size) added with proportional attention), and a reduction
+  step after the attention block: ToMe merging, or dropping by a method's scores;
+* the query, key and value projections of the layers that need them are hooked to hand their outputs
+  (the keys' head-mean for ToMe, the [CLS] query for [CLS]-attention scores, the values' norms for ATS)
+  to the reduction: nothing is computed twice and the attention kernel (SDPA, eager) is untouched;
+* the base model's post-hook gives back one output per input token: a token holds the output of the
+  slot it was merged into, a dropped token its hidden state when it was dropped (after the family's
+  final norm, if any).
+
+[CLS] (and DeiT's distillation token) is never merged or dropped and stays at slot 0 (and 1), so the
+model's own pooling and heads work unchanged. Batches must be right-padded (the tokenizers' default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..config import TrimConfig
+from ..errors import ConfigError, InputError, UnsupportedModelError
+from ..merging import (
+    ats_counts,
+    ats_scores,
+    attention_bias,
+    bipartite_soft_matching,
+    cls_attention,
+    merge_owner,
+    merge_valid,
+    merge_wavg,
+    parse_r,
+    r_for_keep,
+    set_compaction,
+)
+from ..methods import Method, ScoreInputs
+from ..policy import mass_counts, ratio_counts, select
+from ..scoring import span_max_pool
+
+ENCODER_ARCHITECTURES = ("BertModel (and Bert*For* heads)", "ViTModel / ViTForImageClassification",
+                         "DeiTModel / DeiTForImageClassification(WithTeacher)", "CLIPVisionModel(WithProjection)")
+ATTENTION_KERNELS = ("sdpa", "eager")
+ENCODER_METHODS = ("tome", "cls_attention", "random")
+DECODER_ONLY_METHODS = ("lazy", "sdtp", "static", "truncate", "runtime")   # last-query / recency / KV methods
+ADAPTIVE_MODES = ("sampling", "mass")
+
+
+# ---- families ------------------------------------------------------------------------------------
+@dataclass
+class Family:
+    name: str
+    base: torch.nn.Module
+    layers: torch.nn.ModuleList
+    protected: int                                   # leading tokens never reduced
+    final_norm: Callable | None                      # applied to the base's last_hidden_state
+    text: bool                                       # takes a 2-D attention_mask
+
+    def attention(self, layer) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, torch.nn.Module, int, float]:
+        """(attention module, q, k, v projections, heads, scaling) of one layer."""
+        if self.name == "bert":
+            a = layer.attention.self
+            return a, a.query, a.key, a.value, a.num_attention_heads, a.scaling
+        if self.name in ("vit", "deit"):
+            a = layer.attention
+            return a, a.q_proj, a.k_proj, a.v_proj, a.num_attention_heads, a.scaling
+        a = layer.self_attn
+        return a, a.q_proj, a.k_proj, a.v_proj, a.num_heads, a.scale
+
+    def run(self, layer, hidden, mask, kwargs, reduce):
+        """The layer's own computation with `reduce` between the attention block and the MLP."""
+        if self.name == "bert":
+            from transformers.pytorch_utils import apply_chunking_to_forward
+
+            out, _ = layer.attention(hidden, mask, past_key_values=None, **kwargs)
+            out = reduce(out)
+            return apply_chunking_to_forward(
+                layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, out)
+        if self.name in ("vit", "deit"):
+            residual = hidden
+            h, _ = layer.attention(layer.layernorm_before(hidden), mask, **kwargs)
+            h = layer.dropout(h)
+            h = h + residual
+            h = reduce(h)
+            residual = h
+            h = layer.mlp(layer.layernorm_after(h))
+            h = layer.dropout(h)
+            return h + residual
+        residual = hidden                                    # clip
+        h, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=mask, **kwargs)
+        h = residual + h
+        h = reduce(h)
+        residual = h
+        h = layer.mlp(layer.layer_norm2(h))
+        return residual + h
+
+
+def find_family(model: torch.nn.Module) -> Family | None:
+    """The encoder family of `model` (itself a base model, or a head model around one), or None."""
+    try:
+        from transformers import BertModel, CLIPVisionModel, DeiTModel, ViTModel
+    except ImportError:  # pragma: no cover
+        return None
+    candidates = [model, getattr(model, "vision_model", None)]
+    try:
+        candidates.append(model.base_model)
+    except AttributeError:
+        pass
+    for base in candidates:
+        if isinstance(base, BertModel):
+            return Family("bert", base, base.encoder.layer, 1, None, text=True)
+        if isinstance(base, DeiTModel):
+            return Family("deit", base, base.layers, 2, base.layernorm, text=False)
+        if isinstance(base, ViTModel):
+            return Family("vit", base, base.layers, 1, base.layernorm, text=False)
+        if isinstance(base, CLIPVisionModel):
+            return Family("clip", base, base.encoder.layers, 1, None, text=False)
+    return None
+
+
+def encoder_layers(model: torch.nn.Module):
+    """The layer list of a supported encoder, or None (used by `trim` to size the schedule)."""
+    family = find_family(model)
+    return family.layers if family is not None else None
+
+
+# ---- live state ----------------------------------------------------------------------------------
+@dataclass
+class _Live:
+    valid: torch.Tensor | None          # (B, T) bool
+    size: torch.Tensor | None = None    # (B, T) float: input tokens each slot holds
+    owner: torch.Tensor | None = None   # (B, N) slot holding each input token, -1 dropped
+    stash: torch.Tensor | None = None   # (B, N, D) hidden state of dropped input tokens
+    dropped: torch.Tensor | None = None  # (B, N) bool: input token dropped (its output is in `stash`)
+    reduced: bool = False               # the layout differs from the input's
+    irregular: bool = False             # some slot is invalid (padding / filler) or size != 1
+
+
+@dataclass
+class EncoderState:
+    """What the last forward did (for `stats` and the visualisations)."""
+
+    lengths: torch.Tensor                               # (B,) input tokens per row
+    attn_tokens: list = field(default_factory=list)     # per layer: (B,) tokens in the attention
+    mlp_tokens: list = field(default_factory=list)      # per layer: (B,) tokens in the MLP
+    merged: list = field(default_factory=list)          # per layer: tokens merged (sum over rows)
+    dropped: list = field(default_factory=list)         # per layer: tokens dropped (sum over rows)
+    owner: torch.Tensor | None = None                   # (B, N) final slot of each input token (-1 dropped)
+    owners: list = field(default_factory=list)          # per layer after reduction, if trace_source
+    kept: torch.Tensor | None = None                    # (B, N) bool: input token not dropped
+
+
+def check_supported(model: torch.nn.Module) -> Family:
+    family = find_family(model)
+    if family is None:
+        raise UnsupportedModelError(
+            f"trimformer has no encoder adapter for {type(model).__name__}; supported: "
+            + "; ".join(ENCODER_ARCHITECTURES)
+        )
+    if family.name == "bert" and getattr(family.base.config, "is_decoder", False):
+        raise UnsupportedModelError("a BERT model configured as a decoder (is_decoder=True) is not supported")
+    kernel = family.base.config._attn_implementation or "eager"
+    if kernel not in ATTENTION_KERNELS:
+        raise UnsupportedModelError(
+            f"attention implementation {kernel!r} is not supported on encoders (it takes no additive bias); "
+            f"load the model with attn_implementation in {ATTENTION_KERNELS}"
+        )
+    return family
+
+
+class EncoderPatch:
+    """Makes an encoder merge (ToMe) or drop tokens inside each layer; `remove` undoes it exactly."""
+
+    def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
+        self.family = check_supported(model)
+        self.model = model
+        self.config = config
+        self.method = method
+        self.num_layers = len(self.family.layers)
+        self.merging = method.name == "tome"
+        if method.evicts or not method.prunes_prefill or method.name in DECODER_ONLY_METHODS:
+            from .decoder import SUPPORTED
+
+            raise UnsupportedModelError(
+                f"method {method.name!r} is for decoder-only models ({', '.join(SUPPORTED)}): it works on the "
+                f"last queries and the KV cache of decoding; {type(model).__name__} is an encoder: use "
+                f"{', '.join(ENCODER_METHODS)} (or another method scoring from [CLS] attention or hidden states)"
+            )
+        if config.adaptive_mode not in ADAPTIVE_MODES:
+            raise ConfigError(f"adaptive_mode must be one of {ADAPTIVE_MODES}, got {config.adaptive_mode!r}")
+        if self.merging:
+            self.plan = {}
+            self.score = None
+            if config.r is not None:
+                self._rs = parse_r(self.num_layers, config.r, config.r_schedule)
+            else:
+                parse_r(self.num_layers, 0, config.r_schedule)   # validates the schedule name
+                self._rs = None                                   # derived from keep per forward
+        else:
+            self.plan = dict(plan)
+            self.score = method.build_scorer(config, model, plan)
+        self.state: EncoderState | None = None
+        self.live: _Live | None = None
+        self.rs: list[int] = list(self._rs) if self.merging and self._rs is not None else []
+        self._handles: list = []
+        self._overridden: list = []
+        self._captured: dict[str, torch.Tensor] = {}
+        self._capture_layer: int | None = None
+        self._want = self._capture_needs()
+
+    def _capture_needs(self) -> dict[int, set]:
+        cfg, needs = self.config, {}
+        for layer in range(self.num_layers):
+            want = set()
+            if self.merging:
+                want.add("k")
+                if cfg.adaptive:
+                    want |= {"q", "k", "v"}
+            elif layer in self.plan:
+                if self.method.needs_attention or cfg.adaptive:
+                    want |= {"q", "k"}
+                if cfg.adaptive and cfg.adaptive_mode == "sampling":
+                    want.add("v")
+            if want:
+                needs[layer] = want
+        return needs
+
+    # ---- install / remove --------------------------------------------------------------------
+    def install(self) -> None:
+        try:
+            base = self.family.base
+            self._handles.append(base.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            self._handles.append(base.register_forward_hook(self._on_end, with_kwargs=True))
+            for index, layer in enumerate(self.family.layers):
+                _, q, k, v, _, _ = self.family.attention(layer)
+                for name, module in (("q", q), ("k", k), ("v", v)):
+                    if name in self._want.get(index, ()):
+                        self._handles.append(module.register_forward_hook(self._capture(index, name)))
+                layer.forward = self._layer_forward(index, layer)
+                self._overridden.append(layer)
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self._overridden:
+            if "forward" in layer.__dict__:
+                del layer.forward
+        self._overridden.clear()
+        self.live = None
+        self._captured.clear()
+
+    def _capture(self, layer: int, name: str):
+        def hook(module, args, output):
+            if self._capture_layer == layer:
+                self._captured[name] = output
+        return hook
+
+    # ---- base model hooks --------------------------------------------------------------------
+    def _on_start(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask") if self.family.text else None
+        if self.family.text and mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        valid = None
+        if mask is not None:
+            if mask.dim() != 2:
+                raise InputError(
+                    f"a trimmed encoder takes a 2-D attention_mask (batch, length) of 0/1, got {mask.dim()}-D")
+            valid = mask.bool()
+            if not bool((valid.long().cumprod(-1).bool() == valid).all()):
+                raise InputError(
+                    "a trimmed encoder takes right-padded batches (padding after the tokens, the tokenizers' "
+                    "default; [CLS] first): this attention_mask has padding before real tokens")
+            if not bool(valid[:, 0].all()):
+                raise InputError("every row needs at least its first token ([CLS]); a row of the batch is empty")
+        self.live = _Live(valid)
+        self.state = None
+        return None
+
+    def _start_rows(self, hidden: torch.Tensor) -> None:
+        live = self.live
+        b, t, _ = hidden.shape
+        if live.valid is None:
+            live.valid = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+        elif live.valid.shape != (b, t):
+            raise InputError(f"attention_mask has shape {tuple(live.valid.shape)} but the input has {(b, t)} tokens")
+        else:
+            live.irregular = not bool(live.valid.all())
+        live.owner = torch.arange(t, device=hidden.device).expand(b, -1).clone()
+        lengths = live.valid.sum(-1)
+        if live.irregular:
+            live.owner = torch.where(live.valid, live.owner, -1)
+        self.state = EncoderState(lengths.cpu())
+        if self.merging:
+            if self._rs is None:   # from keep: each row by its own length, so rows do not affect each other
+                keep = self.config.keep if self.config.keep is not None else 0.5
+                per_row = {}
+                for n in lengths.tolist():
+                    if n not in per_row:
+                        r = r_for_keep(int(n), self.num_layers, keep, self.family.protected + self.family.text,
+                                        self.config.r_schedule)
+                        per_row[n] = parse_r(self.num_layers, r, self.config.r_schedule)
+                rows = [per_row[n] for n in lengths.tolist()]
+                if all(row == rows[0] for row in rows):
+                    self.rs = rows[0]
+                else:
+                    table = torch.tensor(rows, device=hidden.device).T          # (L, B)
+                    self.rs = [table[layer] for layer in range(self.num_layers)]
+            else:
+                self.rs = list(self._rs)
+
+    def _on_end(self, module, args, kwargs, output):
+        live, state = self.live, self.state
+        self.live = None
+        self._capture_layer = None
+        self._captured.clear()
+        if live is None or state is None:
+            return output
+        state.owner = live.owner
+        state.kept = live.owner >= 0
+        if not live.reduced:
+            return output
+        hidden = output.last_hidden_state                       # (B, T', D)
+        dim = hidden.shape[-1]
+        out = hidden.gather(1, live.owner.clamp(min=0)[:, :, None].expand(-1, -1, dim))
+        if live.stash is not None:
+            stash = live.stash
+            if self.family.final_norm is not None:
+                stash = self.family.final_norm(stash)
+            stash = torch.where(live.dropped[:, :, None], stash.to(out.dtype), torch.zeros_like(out))
+        else:
+            stash = torch.zeros_like(out)
+        out = torch.where((live.owner >= 0)[:, :, None], out, stash)    # padding: zeros
+        output.last_hidden_state = out
+        return output
+
+    # ---- layers ------------------------------------------------------------------------------
+    def _layer_forward(self, index: int, layer: torch.nn.Module):
+        original = type(layer).forward.__get__(layer)
+        family = self.family
+
+        def forward(hidden_states, attention_mask=None, *args, **kwargs):
+            live = self.live
+            if live is None:
+                return original(hidden_states, attention_mask, *args, **kwargs)
+            if live.owner is None:
+                self._start_rows(hidden_states)
+            for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
+                kwargs.pop(name, None)
+            bias = None
+            if live.reduced or live.irregular:
+                proportional = self.config.prop_attn and live.size is not None
+                size = live.size if live.size is not None else live.valid.to(hidden_states.dtype)
+                bias = attention_bias(size, proportional, hidden_states.dtype)
+            mask = attention_mask                         # the model's own mask until the layout changes
+            if live.reduced:
+                proportional = self.config.prop_attn and live.size is not None
+                mask = bias if (live.irregular or proportional) else None
+            self.state.attn_tokens.append(live.valid.sum(-1).cpu())
+            self._capture_layer = index if index in self._want else None
+            self._captured.clear()
+
+            def reduce(h):
+                self._capture_layer = None
+                out = self._reduce(index, h, bias)
+                self._captured.clear()
+                return out
+
+            out = family.run(layer, hidden_states, mask, kwargs, reduce)
+            return out
+
+        return forward
+
+    def _reduce(self, layer: int, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        live, state = self.live, self.state
+        merged = dropped = 0
+        if self.merging:
+            h, merged = self._merge(layer, h, bias)
+        elif layer in self.plan:
+            h, dropped = self._drop(layer, h, bias)
+        state.merged.append(merged)
+        state.dropped.append(dropped)
+        state.mlp_tokens.append(live.valid.sum(-1).cpu())
+        if self.config.trace_source:
+            state.owners.append(live.owner.clone())
+        return h
+
+    def _cls_attention(self, layer: int, bias: torch.Tensor | None) -> torch.Tensor:
+        _, _, _, _, heads, scaling = self.family.attention(self.family.layers[layer])
+        q, k = self._captured["q"], self._captured["k"]
+        b, t, _ = k.shape
+        key = k.view(b, t, heads, -1).transpose(1, 2)
+        query0 = q[:, 0].view(b, heads, -1)
+        return cls_attention(query0, key, scaling, bias)
+
+    def _value_norm(self) -> torch.Tensor:
+        v = self._captured["v"]
+        return v.float().norm(dim=-1)
+
+    def _adaptive_keep(self, layer: int, bias, target: torch.Tensor, candidate: torch.Tensor,
+                       n_protected: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens kept per row by ATS: at most `target`, fewer when the scores are peaked."""
+        attention = self._cls_attention(layer, bias)
+        if self.config.adaptive_mode == "sampling":
+            scores = ats_scores(attention, self._value_norm())
+            samples = (target - n_protected).clamp(min=0)
+            counts = ats_counts(scores, candidate, samples) + n_protected
+        else:
+            counts = mass_counts(attention.masked_fill(~candidate, 0.0), candidate, self.config.mass,
+                                 torch.zeros_like(n_protected)) + n_protected
+        return torch.minimum(counts, target)
+
+    def _protected(self) -> torch.Tensor:
+        """(B, T) slots never dropped or merged: [CLS] (and DeiT's distillation token) at the front, and on
+        text the slot holding each row's last token ([SEP])."""
+        live = self.live
+        t = live.valid.shape[1]
+        slot = torch.arange(t, device=live.valid.device)
+        out = live.valid & (slot < self.family.protected)[None, :]
+        sep = self._sep_slots(t)
+        return out | sep if sep is not None else out
+
+    def _sep_slots(self, t: int) -> torch.Tensor | None:
+        """(B, T) bool: the slot holding each row's last real input token (text encoders), else None."""
+        live = self.live
+        if not self.family.text:
+            return None
+        last = (self.state.lengths.to(live.owner.device) - 1).clamp(min=0)
+        slot = live.owner.gather(1, last[:, None])                          # (B, 1)
+        out = torch.zeros(live.owner.shape[0], t, dtype=torch.bool, device=live.owner.device)
+        return out.scatter_(1, slot.clamp(min=0), slot >= 0)
+
+    # ---- ToMe --------------------------------------------------------------------------------
+    def _merge(self, layer: int, h: torch.Tensor, bias) -> tuple[torch.Tensor, int]:
+        live, cfg = self.live, self.config
+        r = self.rs[layer] if layer < len(self.rs) else 0       # an int, or (B,) per row
+        b, t, _ = h.shape
+        if not cfg.adaptive and (int(r.max()) if isinstance(r, torch.Tensor) else r) <= 0:
+            return h, 0
+        rows: int | torch.Tensor = r
+        if cfg.adaptive:
+            protected = self._protected()
+            n_valid = live.valid.sum(-1)
+            n_protected = protected.sum(-1)
+            target = (n_valid - r).clamp(min=1)
+            keep = self._adaptive_keep(layer, bias, target, live.valid & ~protected, n_protected)
+            rows = (n_valid - keep).clamp(min=0)
+        k = self._captured["k"]
+        _, _, _, _, heads, _ = self.family.attention(self.family.layers[layer])
+        metric = k.view(b, t, heads, -1).mean(2)
+        m = bipartite_soft_matching(metric, rows, self.family.protected, live.valid if live.irregular or cfg.adaptive
+                                    else None, protect=self._sep_slots(t))
+        before = int(live.valid.sum())
+        if live.irregular or cfg.adaptive:
+            new_valid = set_compaction(m, merge_valid(m, live.valid))
+        size = live.size if live.size is not None else live.valid.to(h.dtype)   # padding holds nothing
+        h, size = merge_wavg(m, h, size)
+        live.owner = merge_owner(m, live.owner, t)
+        if m.order is not None:
+            live.valid = new_valid
+            live.irregular = live.irregular or not bool(new_valid.all())
+        else:
+            live.valid = size > 0
+        live.size = size
+        live.reduced = True
+        return h, before - int(live.valid.sum())
+
+    # ---- dropping ----------------------------------------------------------------------------
+    def _drop(self, layer: int, h: torch.Tensor, bias) -> tuple[torch.Tensor, int]:
+        live, cfg = self.live, self.config
+        b, t, d = h.shape
+        valid = live.valid
+        protected = self._protected()
+        attention = self._cls_attention(layer, bias) if "q" in self._captured and "k" in self._captured else None
+        positions = self._positions(t)
+        inputs = ScoreInputs(layer=layer, positions=positions, valid=valid, lengths=self.state.lengths.to(h.device),
+                             hidden=h, attention=attention, seed=cfg.seed)
+        scores = self.score(inputs).float()
+        if self.method.span_pool and cfg.span > 1:
+            scores = span_max_pool(scores.masked_fill(~valid, 0.0), cfg.span)
+        n_valid, n_protected = valid.sum(-1), protected.sum(-1)
+        counts = ratio_counts(n_valid, self.plan[layer], n_protected)
+        if cfg.adaptive:
+            counts = torch.maximum(self._adaptive_keep(layer, bias, counts, valid & ~protected, n_protected),
+                                   n_protected)
+        index, kept = select(scores, valid, protected, counts)
+        keep_mask = torch.zeros_like(valid).scatter_(1, index, kept)
+        gone = valid & ~keep_mask
+        n_gone = int(gone.sum())
+        if n_gone:
+            holder = live.owner.clamp(min=0)
+            owner_gone = (live.owner >= 0) & gone.gather(1, holder)
+            if live.stash is None:
+                live.stash = h.new_zeros(b, live.owner.shape[1], d)
+                live.dropped = torch.zeros_like(owner_gone)
+            hidden_in = h.gather(1, holder[:, :, None].expand(-1, -1, d))
+            live.stash = torch.where(owner_gone[:, :, None], hidden_in, live.stash)
+            live.dropped = live.dropped | owner_gone
+        mapping = torch.full((b, t), -1, dtype=torch.long, device=h.device)
+        mapping.scatter_(1, index, torch.where(kept, torch.arange(index.shape[1], device=h.device).expand(b, -1), -1))
+        live.owner = torch.where(live.owner >= 0, mapping.gather(1, live.owner.clamp(min=0)), live.owner)
+        h = h.gather(1, index[:, :, None].expand(-1, -1, d))
+        if live.size is not None:
+            live.size = live.size.gather(1, index) * kept
+        live.valid = kept
+        live.reduced = True
+        live.irregular = live.irregular or not bool(kept.all())
+        return h, n_gone
+
+    def _positions(self, t: int) -> torch.Tensor:
+        """(B, T) the first input index each slot holds (its original position)."""
+        owner = self.live.owner
+        b, n = owner.shape
+        big = torch.full((b, t + 1), n, dtype=torch.long, device=owner.device)
+        index = torch.where(owner >= 0, owner, t)
+        src = torch.arange(n, device=owner.device).expand(b, -1)
+        return big.scatter_reduce(1, index, src, reduce="amin")[:, :t].clamp(max=n - 1)
+
+    # ---- stats -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        state = self.state
+        if state is None or not state.attn_tokens:
+            from ..errors import TrimformerError
+
+            raise TrimformerError("no forward has run since trim(); stats describe the last forward")
+        config = self.family.base.config
+        lengths = [int(n) for n in state.lengths]
+        attn = torch.stack(state.attn_tokens)                    # (L, B)
+        mlp = torch.stack(state.mlp_tokens)
+        full = torch.tensor(lengths)[None].expand_as(attn)
+        flops_full = encoder_flops(config, full, full)
+        flops_trimmed = encoder_flops(config, attn, mlp)
+        total = 2 * int(full.sum())
+        done = int(attn.sum() + mlp.sum())
+        result = {
+            "method": self.config.method,
+            "architecture": self.family.name,
+            "schedule": {"r": [r.tolist() if isinstance(r, torch.Tensor) else r for r in self.rs]}
+            if self.merging else dict(self.plan),
+            "adaptive": bool(self.config.adaptive),
+            "prompt_tokens": lengths,
+            "input_tokens": lengths,
+            "kept_tokens_per_layer": attn.sum(-1).tolist(),
+            "mlp_tokens_per_layer": mlp.sum(-1).tolist(),
+            "final_tokens": mlp[-1].tolist(),
+            "merged_per_layer": list(state.merged),
+            "dropped_per_layer": list(state.dropped),
+            "kept_fraction": done / total if total else 1.0,
+            "flops_full": flops_full,
+            "flops_trimmed": flops_trimmed,
+            "flop_ratio": flops_full / flops_trimmed if flops_trimmed else 1.0,
+        }
+        return result
+
+
+def encoder_flops(config, attn_tokens: torch.Tensor, mlp_tokens: torch.Tensor) -> int:
+    """FLOPs of the encoder layers: attn_tokens / mlp_tokens (L, B) tokens in each layer's attention
+    block (q, k, v, o projections and n^2 attention) and MLP."""
+    d = config.hidden_size
+    ff = config.intermediate_size
+    a = attn_tokens.double()
+    m = mlp_tokens.double()
+    per_layer = 2 * 4 * d * d * a + 4 * d * a * a + 2 * 2 * d * ff * m
+    return int(per_layer.sum())

@@ -151,3 +151,11 @@ def test_sdtp_keeps_the_tokens_its_scores_rank_highest(tmp_path):
     expected = set(range(4)) | set(range(64, 80)) | set(sorted(free, key=lambda t: -float(h2[t]))[:n_free])
     assert kept == expected
     trimformer.untrim(model)
+
+
+def test_training_on_a_subset_of_sources(saliency_dir, tmp_path):
+    pruner, _ = train_pruner(saliency_dir, tmp_path / "s", TrainOptions(epochs=1, pairs=64, hidden=8, val_fraction=0,
+                                                                       sources=["text.txt"]), progress=False)
+    assert pruner.config.training["sequences"] == 6 and pruner.config.training["sources"] == ["text.txt"]
+    with pytest.raises(ConfigError, match=r"its sources: \['text.txt'\]"):
+        train_pruner(saliency_dir, tmp_path / "t", TrainOptions(epochs=1, sources=["longbench"]), progress=False)

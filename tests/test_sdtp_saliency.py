@@ -108,3 +108,19 @@ def test_run_saliency_writes_resumable_folder(tmp_path):
     assert (out / "seq_00000.safetensors").stat().st_mtime_ns == before
     _, again = load_saliency_dir(out)
     torch.testing.assert_close(again[1]["saliency"], seqs[1]["saliency"])
+
+
+def test_calibration_prefers_prompt_answer_pairs(tmp_path):
+    from trimformer.train.data import calibration_items
+
+    (tmp_path / "text.txt").write_text("Some plain text for chunks. " * 40)
+    (tmp_path / "qa.json").write_text(json.dumps({str(k): {"origin_prompt": f"Question {k}? " * 8, "gold": [f"a{k}"]}
+                                                  for k in range(5)}))
+    items = calibration_items(CharTokenizer(), [tmp_path], sequences=4, max_length=128, tail=16)
+    assert [it.source.split("/")[-1] for it in items] == ["qa.json:4", "qa.json:3", "qa.json:2", "qa.json:1"]
+    for it in items:   # the loss covers the answer (no chat template: no end-of-turn token)
+        assert len(it.input_ids) - it.loss_start == 2
+    mixed = calibration_items(CharTokenizer(), [tmp_path], sequences=4, max_length=128, tail=16, text_share=0.5)
+    assert sum("#" in it.source for it in mixed) == 2
+    many = calibration_items(CharTokenizer(), [tmp_path], sequences=7, max_length=128, tail=16)
+    assert sum(":" in it.source for it in many) == 5 and sum("#" in it.source for it in many) == 2

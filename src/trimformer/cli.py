@@ -341,7 +341,7 @@ def cmd_calibrate_saliency(args: argparse.Namespace) -> int:
         layers = sorted(preset) if preset else list(default_layers(model.config.num_hidden_layers))
     out = run_saliency(model, tokenizer, args.out, args.model, sources=args.data or None, sequences=args.sequences,
                        max_length=args.max_length, tail=args.tail, hidden_layers=layers,
-                       checkpointing=not args.no_checkpointing, seed=args.seed)
+                       checkpointing=not args.no_checkpointing, seed=args.seed, text_share=args.text_share)
     print(f"wrote the saliency of {args.sequences} sequences to {out} (hidden states of layers {layers})")
     return 0
 
@@ -357,6 +357,7 @@ def cmd_calibrate_pruner(args: argparse.Namespace) -> int:
         layers=_int_list(args.layers, "--layers") if args.layers else None, hidden=args.hidden, epochs=args.epochs,
         lr=args.lr, mse_weight=args.mse_weight, rank_weight=args.rank_weight, pairs=args.pairs, target=args.target,
         val_fraction=args.val_fraction, seed=args.seed,
+        sources=[x for x in args.sources.split(",") if x.strip()] if args.sources else None,
     )
     pruner, history = train_pruner(args.saliency, args.out, opts, resume=not args.no_resume)
     last = history.epochs[-1] if history.epochs else {}
@@ -385,6 +386,10 @@ def add_calibrate_parser(sub) -> None:
                    help="loss on a text chunk's last TAIL tokens (prompts: on their answer) (default: %(default)s)")
     s.add_argument("--hidden-layers", default=None,
                    help="layers whose hidden states are stored for stage 2 (default: the model's preset schedule)")
+    s.add_argument("--text-share", type=float, default=0.0,
+                   help="share of sequences cut from plain text (loss on their last --tail tokens); the rest are "
+                        "prompt + answer pairs, the better target for pruning (default: %(default)s; text fills "
+                        "in when prompts run out)")
     s.add_argument("--no-checkpointing", action="store_true", help="keep all activations (faster, more memory)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_calibrate_saliency)
@@ -403,6 +408,9 @@ def add_calibrate_parser(sub) -> None:
                    help="stage: saliency of the hidden state the MLP reads (the paper); after: mean over later layers")
     q.add_argument("--val-fraction", type=float, default=0.125, help="sequences held out for validation metrics")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sources", default=None,
+                   help="train only on sequences whose source starts with one of these (comma-separated), "
+                        "e.g. longbench")
     q.add_argument("--no-resume", action="store_true", help="start over even if OUT.resume.pt exists")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.set_defaults(func=cmd_calibrate_pruner)

@@ -144,16 +144,40 @@ def calibration_items(
     tail: int = 128,
     max_answer: int = 128,
     seed: int = 0,
+    text_share: float = 0.0,
 ) -> list[CalibItem]:
-    """Up to `sequences` calibration items: half text chunks, half prompt + answer pairs when both kinds of
-    source exist (prompts are taken from the end of each set, round-robin over the sets)."""
+    """Up to `sequences` calibration items: prompt + answer pairs first (taken from the end of each set,
+    round-robin over the sets), with `text_share` of the sequences from the text corpora; text chunks also
+    fill in when there are too few prompts (or none).
+
+    The default `text_share=0` is measured: on SmolLM2-135M, saliency for the last tokens of plain text
+    chunks mostly marks document structure (newlines, footnote brackets, "Thanks", "Notes"), and a pruner
+    trained on it ranked a needle sentence near the median of a 4K prompt; trained on prompt + answer
+    pairs alone it put the needle's city name in the top 1%."""
     if max_length <= tail + 32:
         raise InputError(f"max_length ({max_length}) must exceed tail ({tail}) by at least 32 tokens")
+    if not 0.0 <= text_share <= 1.0:
+        raise InputError(f"text_share must be in [0, 1], got {text_share}")
     corpora, prompt_sets = _scan([Path(s) for s in (sources or default_sources())])
-    n_prompts = 0 if not prompt_sets else (sequences if not corpora else sequences // 2)
-    n_text = sequences - n_prompts
+    n_text = (round(text_share * sequences) if prompt_sets else sequences) if corpora else 0
     rng = random.Random(seed)
     items: list[CalibItem] = []
+
+    # prompt + answer pairs, from the end of each set, round-robin
+    prompts: list[CalibItem] = []
+    n_prompts = sequences - n_text if prompt_sets else 0
+    if n_prompts:
+        parts = _chat_parts(tokenizer)
+        queues = [[(f"{name}:{key}", p, a) for key, p, a in reversed(pairs)] for name, pairs in prompt_sets]
+        while len(prompts) < n_prompts and any(queues):
+            for queue in queues:
+                if not queue or len(prompts) == n_prompts:
+                    continue
+                source, prompt, answer = queue.pop(0)
+                item = _prompt_item(tokenizer, parts, prompt, answer, max_length, max_answer, source)
+                if item is not None:
+                    prompts.append(item)
+    n_text = sequences - len(prompts) if corpora else 0
 
     # text chunks: the corpora's tokens cut into max_length windows, a seeded choice of them
     chunks: list[CalibItem] = []
@@ -171,20 +195,7 @@ def calibration_items(
         picked = sorted(rng.sample(range(len(chunks)), min(n_text, len(chunks))))
         items += [chunks[i] for i in picked]
 
-    # prompt + answer pairs, from the end of each set, round-robin
-    n_prompts = sequences - len(items) if prompt_sets else 0
-    if n_prompts:
-        parts = _chat_parts(tokenizer)
-        queues = [[(f"{name}:{key}", p, a) for key, p, a in reversed(pairs)] for name, pairs in prompt_sets]
-        while n_prompts > 0 and any(queues):
-            for queue in queues:
-                if not queue or n_prompts == 0:
-                    continue
-                source, prompt, answer = queue.pop(0)
-                item = _prompt_item(tokenizer, parts, prompt, answer, max_length, max_answer, source)
-                if item is not None:
-                    items.append(item)
-                    n_prompts -= 1
+    items += prompts
     if not items:
         raise InputError("the calibration sources gave no usable sequence (too short for max_length / tail?)")
     return items

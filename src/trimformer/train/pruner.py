@@ -51,6 +51,7 @@ class TrainOptions:
     sinks: int = 4                      # first tokens left out of training (protected at inference)
     val_fraction: float = 0.125         # sequences held out for the validation metrics
     seed: int = 0
+    sources: list[str] | None = None    # train only on the sequences whose source starts with one of these
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -222,6 +223,12 @@ def train_pruner(
     opts = options or TrainOptions()
     opts.validate()
     config, raw = load_saliency_dir(saliency_dir)
+    if opts.sources:
+        picked = [k for k, item in enumerate(config["items"]) if any(item["source"].startswith(p) for p in opts.sources)]
+        if not picked:
+            known = sorted({item["source"].split(":")[0].split("#")[0] for item in config["items"]})
+            raise ConfigError(f"no sequence of {saliency_dir} comes from {opts.sources}; its sources: {known}")
+        raw = [raw[k] for k in picked]
     sig = config["signature"]
     num_layers = int(sig["num_hidden_layers"])
     layers = sorted(set(opts.layers if opts.layers is not None else config.get("hidden_layers") or []))

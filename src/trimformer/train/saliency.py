@@ -167,6 +167,7 @@ def run_saliency(
     checkpointing: bool = True,
     seed: int = 0,
     progress: bool = True,
+    text_share: float = 0.0,
 ) -> Path:
     """Compute and store the saliency of the calibration sequences in `out` (resumable)."""
     from safetensors.torch import save_file
@@ -181,7 +182,7 @@ def run_saliency(
     if bad:
         raise ConfigError(f"hidden layers {bad} are out of range for a model with {num_layers} layers (0..{num_layers - 1})")
     sources = [str(Path(s).resolve()) for s in (sources or default_sources())]
-    items = calibration_items(tokenizer, sources, sequences, max_length, tail, seed=seed)
+    items = calibration_items(tokenizer, sources, sequences, max_length, tail, seed=seed, text_share=text_share)
     config = {
         "format": FORMAT,
         "model": model_name,
@@ -190,6 +191,7 @@ def run_saliency(
         "sequences": len(items),
         "max_length": max_length,
         "tail": tail,
+        "text_share": text_share,
         "seed": seed,
         "loss": "mean cross-entropy of the loss region: a prompt's reference answer, or a text chunk's last `tail` tokens",
         "saliency": "|sum_d dL/dh[l,t,d] * h[l,t,d]|, h[l] = output of decoder layer l",

@@ -180,6 +180,37 @@ def cmd_bench_vit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_imagenet(args: argparse.Namespace) -> int:
+    from .evaluation.imagenet import evaluate, format_result, write_json
+
+    config = json.loads(args.config) if args.config else {}
+    if not isinstance(config, dict):
+        raise TrimformerError("--config must be a JSON object of TrimConfig fields")
+    config = {"method": "tome", **({"r": args.r} if args.r is not None and "reduction_ratio" not in config else {}),
+              **config}
+    row = evaluate(args.model, args.images, config, batch=args.batch, limit=args.limit, synsets=args.synsets,
+                   progress=not args.no_progress)
+    print(format_result(row))
+    if args.json:
+        write_json(row, args.json)
+    return 0
+
+
+def add_eval_imagenet_parser(tasks) -> None:
+    e = tasks.add_parser("imagenet", help="top-1 accuracy and images/s of an image classifier, full vs ToMe")
+    e.add_argument("--model", required=True, help="folder with a Hugging Face image classifier and its processor")
+    e.add_argument("--images", required=True,
+                   help="ImageNet folder layout (DIR/n01440764/*.JPEG) or a flat folder with synsets in file names")
+    e.add_argument("--r", type=int, default=13, help="tokens merged per layer (default: %(default)s)")
+    e.add_argument("--config", default=None, help='other TrimConfig fields as JSON, e.g. \'{"reduction_ratio": 0.3}\'')
+    e.add_argument("--synsets", default=None, help="synsets in class order, one per line (LOC_synset_mapping.txt)")
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--limit", type=int, default=None, help="first N images only")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval_imagenet)
+
+
 def add_bench_vit_parser(bench) -> None:
     b = bench.add_parser("vit", help="images/s of a ViT, full vs ToMe-merged (r tokens per layer)")
     b.add_argument("--model", default="vit-b16-random",
@@ -320,6 +351,7 @@ def add_eval_parser(sub) -> None:
                            help="your own prompts (JSONL with \"prompt\", or one per line) instead of LongBench's")
             e.set_defaults(max_new_tokens=None)
         e.set_defaults(func=cmd_eval)
+    add_eval_imagenet_parser(tasks)
     r = tasks.add_parser("report", help="merge results files (e.g. trimformer's and kvpress's) into one table")
     r.add_argument("files", nargs="+", help="results JSON files")
     r.add_argument("--table", default=None, help="write the Markdown table here")

@@ -1,0 +1,1 @@
+"""Optional integrations with other toolkits (each imports its toolkit lazily)."""

@@ -263,10 +263,19 @@ def test_position_scorers():
 
 
 def test_random_scores_seeded():
-    a, b, c = random_scores((2, 50), 7), random_scores((2, 50), 7), random_scores((2, 50), 8)
+    positions = torch.arange(50).expand(2, 50)
+    a, b, c = random_scores(positions, 7), random_scores(positions, 7), random_scores(positions, 8)
     assert a.shape == (2, 50)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
+
+
+def test_random_scores_depend_only_on_position():
+    """A row's scores do not change with the batch it sits in (padding, other rows' lengths)."""
+    alone = random_scores(torch.arange(30)[None], 3)
+    batch = random_scores(torch.stack([torch.arange(30), torch.arange(100, 130)]), 3)
+    assert torch.equal(batch[0], alone[0])
+    assert not torch.equal(batch[1], alone[0])
 
 
 # ---- flops ---------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ register(Method(
 register(Method(
     "random",
     "baseline: the same schedule with a random choice of tokens",
-    score=lambda s: random_scores(tuple(s.positions.shape), s.seed + s.layer, s.positions.device),
+    score=lambda s: random_scores(s.positions, s.seed + s.layer),
     needs_attention=False,
     revive_default=False,
     span_pool=False,

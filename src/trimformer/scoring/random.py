@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def random_scores(shape: tuple[int, int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, K) uniform scores from a seeded generator (the same seed gives the same choice)."""
+def random_scores(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """(B, K) positions -> (B, K) uniform scores, a seeded function of each token's original position,
+    so a row gets the same scores whatever the batch around it (the same seed gives the same choice)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=generator).to(device)
+    table = torch.rand(int(positions.max()) + 1 if positions.numel() else 1, generator=generator)
+    return table.to(positions.device)[positions.clamp(min=0)]

@@ -136,3 +136,18 @@ def test_greedy_decode_matches_generate(tiny):
     backend = TrimformerBackend()
     assert backend.generate(tiny, Variant("full"), ids, 5, []).tokens == ref
     assert backend.generate(tiny, Variant("lazy", 1.0), ids, 5, []).tokens == ref
+
+
+def test_store_reuses_a_cell_across_added_options_but_not_changed_values(tmp_path):
+    path = tmp_path / "r.json"
+    store = ResultStore(path)
+    old = {"variant": {"config": {"keep": 0.5, "layers": (1, 2)}}, "settings": {"model": "m"}}
+    store.cell("t", "lazy@0.5", old, {"method": "lazy", "keep": 0.5})["records"]["0"] = {"score": 1.0}
+    store.save()
+    reloaded = ResultStore(path)
+    added = {"variant": {"config": {"keep": 0.5, "layers": (1, 2), "new_option": 3}}, "settings": {"model": "m"}}
+    assert reloaded.cell("t", "lazy@0.5", added, {})["records"] == {"0": {"score": 1.0}}
+    changed = {"variant": {"config": {"keep": 0.5, "layers": (1, 3)}}, "settings": {"model": "m"}}
+    assert reloaded.cell("t", "lazy@0.5", changed, {})["records"] == {}
+    other_settings = {"variant": {"config": {"keep": 0.5, "layers": (1, 2)}}, "settings": {"model": "n"}}
+    assert reloaded.cell("t", "lazy@0.5", other_settings, {})["records"] == {}

@@ -268,9 +268,16 @@ class ResultStore:
         return f"{task}|{label}|{digest}"
 
     def cell(self, task: str, label: str, fingerprint: dict[str, Any], description: dict[str, Any]) -> dict[str, Any]:
+        """The cell of (task, variant, settings), reusing a stored one whose fingerprint matches; options
+        that exist on only one side (a TrimConfig field added since the cell was run) are ignored, any
+        value that differs (a changed default included) makes a new cell."""
         key = self.cell_key(task, label, fingerprint)
-        if key not in self.cells:
-            self.cells[key] = {"task": task, "label": label, **description, "fingerprint": fingerprint, "records": {}}
+        if key in self.cells:
+            return self.cells[key]
+        for cell in self.cells.values():
+            if cell["task"] == task and cell["label"] == label and _compatible(cell.get("fingerprint"), fingerprint):
+                return cell
+        self.cells[key] = {"task": task, "label": label, **description, "fingerprint": fingerprint, "records": {}}
         return self.cells[key]
 
     def save(self) -> None:
@@ -280,6 +287,15 @@ class ResultStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
         os.replace(tmp, self.path)
+
+
+def _compatible(old: Any, new: Any) -> bool:
+    """Equal, except that dict keys present on one side only are ignored."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(_compatible(old[k], new[k]) for k in old.keys() & new.keys())
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_compatible(a, b) for a, b in zip(old, new))
+    return old == new
 
 
 def _json_default(obj):
@@ -439,7 +455,8 @@ class Evaluation:
             for item in self.items[task]:
                 rec = cell["records"].get(item.id)
                 if rec is not None:
-                    grid.setdefault(v.label, []).append({"length": item.meta.get("length"), "depth": item.meta.get("depth"),
+                    label = v.label if self.backend.name == "trimformer" else f"{self.backend.name}:{v.label}"
+                    grid.setdefault(label, []).append({"length": item.meta.get("length"), "depth": item.meta.get("depth"),
                                                          "score": rec["score"]})
         return grid
 

@@ -159,3 +159,21 @@ def test_training_on_a_subset_of_sources(saliency_dir, tmp_path):
     assert pruner.config.training["sequences"] == 6 and pruner.config.training["sources"] == ["text.txt"]
     with pytest.raises(ConfigError, match=r"its sources: \['text.txt'\]"):
         train_pruner(saliency_dir, tmp_path / "t", TrainOptions(epochs=1, sources=["longbench"]), progress=False)
+
+
+def test_shipped_pruner_for_smollm2_is_the_default_and_small():
+    from transformers import LlamaConfig
+
+    from trimformer.scoring.learned import default_pruner_path, shipped_pruners
+
+    assert "smollm2-135m" in shipped_pruners()
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3)
+    path = default_pruner_path(config)
+    assert path.name == "smollm2-135m.safetensors" and path.stat().st_size < 2_000_000
+    pruner = TokenPruner.load(path)
+    pruner.check_model(config)
+    pruner.check_plan({7: 0.4, 14: 0.5, 18: 0.5, 23: 0.5})    # the SmolLM2 preset schedule
+    pruner.check_plan({4: 0.5, 8: 0.7})                        # the ~35%-by-the-last-layer schedule
+    scores = pruner(torch.randn(1, 10, 576), 4)
+    assert scores.shape == (1, 10) and torch.isfinite(scores).all()

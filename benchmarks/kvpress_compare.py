@@ -25,6 +25,8 @@ eager prefill, which is slower than SDPA: their speedup is against the SDPA full
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import sys
 import time
@@ -42,14 +44,28 @@ PRESSES = {
     "knorm": "KnormPress",
 }
 NEEDS_ATTENTION = {"observed"}
+DECODING = "decoding-"        # "decoding-knorm": kvpress's decoding press around that scorer
+DECODING_INTERVAL = 8         # steps between compressions (trimformer runtime's evict_every)
 
 
 def make_press(name: str, ratio: float):
+    """A prefill press, or for "decoding-<press>" kvpress's CompressionRatioDecodingPress, which keeps
+    (1 - ratio) of all tokens seen, compressing every DECODING_INTERVAL decoding steps."""
     import kvpress
 
-    if name not in PRESSES:
-        raise SystemExit(f"unknown press {name!r}; known: {', '.join(PRESSES)}")
+    base = name[len(DECODING):] if name.startswith(DECODING) else name
+    if base not in PRESSES or base in NEEDS_ATTENTION and base != name:
+        known = list(PRESSES) + [DECODING + p for p in PRESSES if p not in NEEDS_ATTENTION]
+        raise SystemExit(f"unknown press {name!r}; known: {', '.join(known)}")
+    if base != name:
+        return kvpress.CompressionRatioDecodingPress(
+            base_press=getattr(kvpress, PRESSES[base])(), target_compression_ratio=ratio,
+            compression_interval=DECODING_INTERVAL)
     return getattr(kvpress, PRESSES[name])(compression_ratio=ratio)
+
+
+def is_decoding(variant) -> bool:
+    return variant.method.startswith(DECODING)
 
 
 @dataclass
@@ -77,8 +93,9 @@ class KVPressBackend:
         if variant.method == "full":
             return {"method": "full", "keep": 1.0}
         press = self.presses[variant]
-        return {"method": variant.method, "keep": round(1.0 - press.compression_ratio, 4),
-                "compression_ratio": press.compression_ratio, "press": repr(press),
+        ratio = press.target_compression_ratio if is_decoding(variant) else press.compression_ratio
+        return {"method": variant.method, "keep": round(1.0 - ratio, 4),
+                "compression_ratio": ratio, "press": repr(press),
                 "kvpress": getattr(kvpress, "__version__", "0.5.5"), "separate": self.separate}
 
     # -- prefill --
@@ -130,7 +147,7 @@ class KVPressBackend:
         key = (input_ids.shape[1], int(input_ids.sum()), int(input_ids[0, :64].sum()), int(input_ids[0, -64:].sum()))
         if self._prefill is not None and self._prefill.key == key and slot in self._prefill.caches:
             return self._prefill
-        press_variants = [v for v in self.presses]
+        press_variants = [v for v in self.presses if not is_decoding(v)]
         total = input_ids.shape[1] * len(model.model.layers)
         groups: list[tuple[list, bool]]
         if self.separate:
@@ -152,6 +169,9 @@ class KVPressBackend:
                 caches[v] = press_caches[v]
                 ttft[v] = bare + spent[v]
                 kv[v] = sum(press_caches[v].get_seq_length(i) for i in range(len(model.model.layers))) / total
+        for v in self.presses:
+            if is_decoding(v):  # a decoding press starts from the full model's cache: its own copy
+                caches[v], ttft[v], kv[v] = copy.deepcopy(caches["full"]), ttft["full"], None
         self._prefill = _Prefill(key, logits, caches, ttft, kv)
         return self._prefill
 
@@ -172,13 +192,18 @@ class KVPressBackend:
             out = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
             return out.logits
 
+        press = self.presses[variant] if slot != "full" and is_decoding(variant) else None
         start = time.perf_counter()
-        decoded = greedy_decode(prefill, step, max_new_tokens, eos, stop, keep_logprobs)
+        with press(model) if press is not None else contextlib.nullcontext():
+            decoded = greedy_decode(prefill, step, max_new_tokens, eos, stop, keep_logprobs)
         decode_s = time.perf_counter() - start
         decoded.ttft_s = pre.ttft[slot]
         decoded.total_s = pre.ttft[slot] + decode_s
         decoded.compute_share = 1.0
-        decoded.kv_share = pre.kv[slot]
+        layers = len(model.model.layers)
+        # a decoding press: the share of all tokens seen that the cache holds at the end
+        decoded.kv_share = pre.kv[slot] if press is None else \
+            sum(cache.get_seq_length(i) for i in range(layers)) / (layers * (length + len(decoded.tokens)))
         decoded.info = {"timing": "separate prefill" if self.separate else "shared prefill + own compression time"}
         return decoded
 
@@ -207,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("task", choices=["longbench", "needle", "fidelity"])
     p.add_argument("--model", default="smollm2-135m", help="embedded name or local folder (default: %(default)s)")
     p.add_argument("--presses", default="snapkv,streamingllm,tova,knorm",
-                   help=f"comma-separated, of {', '.join(PRESSES)} (default: %(default)s)")
+                   help=f"comma-separated, of {', '.join(PRESSES)}, or decoding-<press> for kvpress's "
+                        "decoding press around that scorer (default: %(default)s)")
     p.add_argument("--compression", default=None, help="KV compression ratios, e.g. 0.59,0.40")
     p.add_argument("--match", default=None, help="take the ratios from a trimformer results JSON: 1 - the KV share "
                                                  "kept by each of its 'lazy' variants (its average rows)")

@@ -140,6 +140,15 @@ def test_parse_variants():
         parse_variants("full", None)
 
 
+def test_parse_variants_with_dict_and_list_options():
+    # A JSON --config gives string keys; the variant must stay hashable and give back the same config.
+    vs = parse_variants("sdtp,lazy", None, {"schedule": {"4": 0.5, "8": 0.7}, "layers": [4, 8]})
+    assert len({v: 1 for v in vs}) == 2
+    assert vs[0].label == "sdtp@default,layers=[4,8],schedule={4:0.5,8:0.7}"
+    config = vs[1].trim_config()
+    assert config.schedule == {4: 0.5, 8: 0.7} and list(config.layers) == [4, 8]
+
+
 def test_retention_and_evenly():
     assert retention(0.5, 0.25) == 0.5
     assert retention(0.0, 0.0) == 1.0

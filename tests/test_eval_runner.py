@@ -5,6 +5,7 @@ measures are exact when nothing is pruned."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -151,3 +152,16 @@ def test_store_reuses_a_cell_across_added_options_but_not_changed_values(tmp_pat
     assert reloaded.cell("t", "lazy@0.5", changed, {})["records"] == {}
     other_settings = {"variant": {"config": {"keep": 0.5, "layers": (1, 2)}}, "settings": {"model": "n"}}
     assert reloaded.cell("t", "lazy@0.5", other_settings, {})["records"] == {}
+
+
+def test_runtime_variant_reports_the_kv_share_left_at_the_end(tiny):
+    # Decode-time eviction keeps the whole prompt through the prefill; the share reported is what
+    # the cache holds after decoding, of every token seen (prompt + generated, per layer).
+    prompt = make_prompt(64, seed=3)
+    variant = Variant("runtime", None, (("budget", 0.5), ("evict_every", 1), ("readmit_every", 0), ("recent", 8)))
+    decoded = TrimformerBackend().generate(tiny, variant, prompt, max_new_tokens=4, eos=[])
+    assert decoded.compute_share == 1.0
+    layers = len(tiny.model.layers)
+    seen = layers * (64 + 3)               # the last generated token is never fed back
+    in_cache = layers * math.ceil(0.5 * (64 + 3))
+    assert decoded.kv_share == pytest.approx(in_cache / seen)

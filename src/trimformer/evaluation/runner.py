@@ -64,13 +64,13 @@ class Variant:
         if self.method == FULL:
             return FULL
         keep = "default" if self.keep is None else f"{self.keep:g}"
-        extra = "".join(f",{k}={v}" for k, v in self.options)
+        extra = "".join(f",{k}={_text(v)}" for k, v in self.options)
         return f"{self.method}@{keep}{extra}"
 
     def trim_config(self):
         from ..config import TrimConfig
 
-        options = dict(self.options)
+        options = {k: _thaw(v) for k, v in self.options}
         if self.keep is not None:
             options["keep"] = self.keep
         return TrimConfig.from_dict({"method": self.method, **options})
@@ -86,7 +86,7 @@ def parse_variants(methods: str | Sequence[str], keeps: str | Sequence[str] | No
     else:
         raw = [k.strip() for k in keeps.split(",")] if isinstance(keeps, str) else list(keeps)
         keep_list = [_keep(k) for k in raw]
-    opts = tuple(sorted((options or {}).items()))
+    opts = tuple(sorted((k, _freeze(v)) for k, v in (options or {}).items()))
     variants: list[Variant] = []
     for name in names:
         if not name:
@@ -111,6 +111,39 @@ def parse_variants(methods: str | Sequence[str], keeps: str | Sequence[str] | No
     return variants
 
 
+class _FrozenDict(tuple):
+    """A dict option value as a hashable tuple of (key, value) pairs."""
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for an option value (a Variant is a dict key): dicts become
+    `_FrozenDict`s, lists become tuples."""
+    if isinstance(value, dict):
+        return _FrozenDict((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """The option value `_freeze` stood in for (tuples come back as lists)."""
+    if isinstance(value, _FrozenDict):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> str:
+    """An option value as it appears in a label: {4:0.5,8:0.7}, [7,14], 0.5."""
+    value = _thaw(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
 def _keep(text: Any) -> float | None:
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "default", "none")):
         return None
@@ -131,7 +164,8 @@ class Decoded:
     total_s: float
     logprobs: list[torch.Tensor]     # next-token log-probabilities at the first steps (as asked)
     compute_share: float = 1.0       # share of the prefill's token-layer work done
-    kv_share: float = 1.0            # share of the prompt's KV entries kept after the prefill
+    kv_share: float = 1.0            # share of the prompt's KV entries kept after the prefill (with
+                                     # decode-time eviction: of all tokens seen, at the end of decoding)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -233,6 +267,8 @@ class TrimformerBackend:
             untrim(model)
         decoded.compute_share = float(info["kept_fraction"])
         decoded.kv_share = float(info["kept_fraction"])  # layer l keeps the KV of the tokens it computed
+        if info.get("total_tokens_seen"):  # decode-time eviction: what the cache holds at the end
+            decoded.kv_share = sum(row["in_cache"] for row in info["per_layer"]) / info["total_tokens_seen"]
         decoded.info = {"flop_ratio": info["flop_ratio"], "revived": info.get("revived", 0)}
         return decoded
 

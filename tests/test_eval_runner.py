@@ -165,3 +165,24 @@ def test_runtime_variant_reports_the_kv_share_left_at_the_end(tiny):
     seen = layers * (64 + 3)               # the last generated token is never fed back
     in_cache = layers * math.ceil(0.5 * (64 + 3))
     assert decoded.kv_share == pytest.approx(in_cache / seen)
+
+
+def test_two_runs_on_one_file_add_up(tmp_path):
+    # Both stores load the (empty) file, then each saves its own cell and rows: the second save must
+    # keep what the first wrote, and a row this run re-summarises replaces the stored one.
+    path = tmp_path / "shared.json"
+    first, second = ResultStore(path), ResultStore(path)
+    for store, label in ((first, "lazy@0.5"), (second, "runtime@default")):
+        cell = store.cell("alpha", label, {"variant": label}, {"method": label.split("@")[0], "keep": 0.5})
+        cell["records"]["0"] = {"score": 1.0}
+        store.data["results"] = [{"task": "alpha", "label": label, "trimmed_score": 1.0}]
+        store.data["groups"] = [{"group": "qa", "label": label}]
+        store.save()
+    data = json.loads(path.read_text())
+    assert sorted(c["label"] for c in data["cells"].values()) == ["lazy@0.5", "runtime@default"]
+    assert sorted(r["label"] for r in data["results"]) == ["lazy@0.5", "runtime@default"]
+    assert sorted(r["label"] for r in data["groups"]) == ["lazy@0.5", "runtime@default"]
+    first.data["results"] = [{"task": "alpha", "label": "lazy@0.5", "trimmed_score": 0.5}]
+    first.save()
+    rows = {r["label"]: r["trimmed_score"] for r in json.loads(path.read_text())["results"]}
+    assert rows == {"lazy@0.5": 0.5, "runtime@default": 1.0}

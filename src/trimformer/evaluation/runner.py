@@ -10,6 +10,7 @@ backend is here; `benchmarks/kvpress_compare.py` brings a kvpress one and reuses
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -317,12 +318,34 @@ class ResultStore:
         return self.cells[key]
 
     def save(self) -> None:
+        """Write the file, first taking in what other runs wrote to it since (under a lock): their
+        cells and records, and their summary rows for variants this run does not summarise. Two runs
+        on one file (other methods, the same full model) add up instead of overwriting each other."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self._merge(json.loads(self.path.read_text()))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
+            os.replace(tmp, self.path)
+
+    def _merge(self, disk: dict[str, Any]) -> None:
+        for key, cell in disk.get("cells", {}).items():
+            mine = self.cells.setdefault(key, cell)
+            for item_id, record in cell["records"].items():
+                mine["records"].setdefault(item_id, record)
+        for field_name in ("results", "full", "groups"):
+            mine_rows = self.data.get(field_name, [])
+            ours = {_row_key(r) for r in mine_rows}
+            self.data[field_name] = mine_rows + [r for r in disk.get(field_name, []) if _row_key(r) not in ours]
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What a summary row is of: its task (or task group) and variant label."""
+    return row.get("task", row.get("group")), row.get("label")
 
 
 def _compatible(old: Any, new: Any) -> bool:

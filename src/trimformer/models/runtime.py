@@ -159,6 +159,8 @@ class RuntimeEviction:
             state.runtime.dropped[layer] += int(over.sum())
             valid = valid & ~over
         width = int(valid.sum(-1).max())
+        if width == valid.shape[1]:  # nothing to compact away: no copy
+            return ShadowLayer(entry.keys, entry.values, entry.positions, valid, entry.scores)
         index = _first_where(valid, width)
         return ShadowLayer(
             keys=_gather_slots(entry.keys, index.to(entry.keys.device)),
@@ -194,7 +196,8 @@ class RuntimeEviction:
         top_s = top.to(shadow.valid.device)
         shadow.valid.scatter_(1, top_s, shadow.valid.gather(1, top_s) & ~chosen.to(shadow.valid.device))
         rt.readmitted[layer] += int(chosen.sum())
-        rt.shadow[layer] = self._bound(layer, state, shadow)
+        # the readmitted slots stay in the shadow tensors as invalid filler until the next eviction
+        # compacts the shadow set (`_to_shadow` -> `_bound`): one copy per eviction, not per readmission
 
 
 def new_runtime_state(num_layers: int) -> RuntimeState:

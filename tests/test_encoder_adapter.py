@@ -163,6 +163,43 @@ def test_padded_rows_match_rows_alone_and_keep_cls(options):
         assert float((alone[1][0] - batch[1][row]).abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("metric", ["keys", "hidden"])
+def test_merging_duplicate_tokens_is_exact_and_pools_to_the_full_embedding(metric):
+    # Without position embeddings, equal tokens have equal states in every layer; merging each pair at layer 0
+    # and counting it twice in attention (proportional attention) must then change nothing: not the per-token
+    # outputs, not the mean-pooled sentence embedding (padding excluded). Without proportional attention the
+    # merged tokens lose half their weight, and the outputs change.
+    from trimformer.evaluation.embedding_fidelity import mean_pool
+
+    model = bert()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+    ids = torch.tensor([[1, 5, 5, 7, 7, 9, 9, 11, 11, 2], [1, 5, 5, 8, 8, 2, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    trim(model, method="tome", r=[4, 0, 0, 0], merge_metric=metric)
+    out = outputs(model, input_ids=ids, attention_mask=mask)
+    assert stats(model)["merged_per_layer"][0] == 4 + 2
+    assert max_diff(out, ref, mask) < 1e-4
+    assert torch.allclose(mean_pool(out[0], mask), mean_pool(ref[0], mask), atol=1e-5)
+    trim(model, method="tome", r=[4, 0, 0, 0], merge_metric=metric, prop_attn=False)
+    assert max_diff(outputs(model, input_ids=ids, attention_mask=mask), ref, mask) > 1e-3
+
+
+def test_text_merges_by_hidden_states_unless_told_otherwise():
+    model = bert()
+    ids, mask = text_batch()
+    trim(model, method="tome", r=2)
+    assert model._trimformer_patch.metric == "hidden"
+    trim(model, method="tome", r=2, merge_metric="keys")
+    assert model._trimformer_patch.metric == "keys"
+    vit = vision("vit")
+    trim(vit, method="tome", r=2)
+    assert vit._trimformer_patch.metric == "keys"                  # ToMe's choice on images
+    with pytest.raises(ConfigError, match="merge_metric"):
+        trim(model, method="tome", r=2, merge_metric="values")
+
+
 def test_dropped_tokens_keep_their_hidden_state_and_stats_count_them():
     model = bert()
     ids, mask = text_batch()

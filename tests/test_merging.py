@@ -127,6 +127,32 @@ def test_padding_never_merged_into_and_rows_do_not_see_each_other():
     assert int(alone.merged.sum()) == int(m.merged[1].sum()) == 3
 
 
+def test_pooling_merged_tokens_by_owner_keeps_the_padded_mean():
+    # sentence-transformers' mean pooling of a merged sequence: each input token reads its slot (the owner
+    # map), padding is left out. That is the size-weighted mean of the slots, so with no layer in between
+    # it equals the mean of the unmerged tokens exactly, padded rows included; a plain mean of slots is not.
+    torch.manual_seed(3)
+    metric, x0 = torch.randn(2, 16, 4), torch.randn(2, 16, 3)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 9:] = False
+    full = (x0 * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    x, size, live = x0, valid.float(), valid
+    owner = torch.where(valid, torch.arange(16).expand(2, -1), -1)
+    for r in (3, 2, 2):
+        m = bipartite_soft_matching(metric, r, valid=live)
+        t = x.shape[1]
+        live = set_compaction(m, merge_valid(m, live))
+        x, size = merge_wavg(m, x, size)
+        metric, _ = merge_wavg(m, metric)
+        owner = merge_owner(m, owner, t)
+    per_token = x.gather(1, owner.clamp(min=0)[..., None].expand(-1, -1, 3))       # (B, N, C)
+    pooled = (per_token * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    assert torch.allclose(pooled, full, atol=1e-5)
+    assert torch.allclose((x * size[..., None]).sum(1) / size.sum(1, keepdim=True), full, atol=1e-5)
+    plain = (x * live[..., None]).sum(1) / live.sum(1, keepdim=True)
+    assert not torch.allclose(plain, full, atol=1e-3)
+
+
 def test_r_schedules():
     assert parse_r(4, 3) == [3, 3, 3, 3]
     dec = parse_r(12, 13, "decreasing")

@@ -18,6 +18,9 @@ class LayerSlots:
     def extend(self, positions: torch.Tensor, valid: torch.Tensor) -> "LayerSlots":
         return LayerSlots(torch.cat([self.positions, positions], 1), torch.cat([self.valid, valid], 1))
 
+    def to(self, device: torch.device) -> "LayerSlots":
+        return LayerSlots(self.positions.to(device), self.valid.to(device))
+
 
 @dataclass
 class AuxEntry:

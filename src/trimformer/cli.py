@@ -102,14 +102,14 @@ def _schedule(text: str) -> dict[int, float]:
         raise TrimformerError(f"--schedule takes layer:keep pairs like 7:0.4,14:0.5, got {text!r}") from exc
 
 
-def _load(args):
+def _load(args, **options):
     import torch
 
     from .loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model)
+    return load_model(args.model, **options)
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -172,6 +172,10 @@ def cmd_bench_vit(args: argparse.Namespace) -> int:
     config = json.loads(args.config) if args.config else None
     if config is not None and not isinstance(config, dict):
         raise TrimformerError("--config must be a JSON object of TrimConfig fields")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = bench_vit(args.model, args.batch, rs, repeats=args.repeats, warmup=args.warmup, config=config,
                      progress=not args.no_progress)
     print(format_vit_table(rows))
@@ -220,6 +224,7 @@ def add_bench_vit_parser(bench) -> None:
     b.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed runs of each first")
     b.add_argument("--config", default=None, help='other TrimConfig fields as JSON, e.g. \'{"prop_attn": false}\'')
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench_vit)
@@ -230,6 +235,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(model_name=args.model, length=args.length, depth=args.depth, config=trim_config_from_args(args))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Engine, Server
+
+    if args.max_tokens < 1:
+        raise TrimformerError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    config = None if args.method == "none" else trim_config_from_args(args)
+    model, tokenizer = _load(args)
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    engine = Engine(model, tokenizer, config, default_max_tokens=args.max_tokens, log=log)
+    name = args.served_model_name or args.model
+    server = Server(engine, name, (args.host, args.port), log=log)
+    print(f"trimformer serve: {server.url}/v1 serves {name!r} ({config.method if config else 'full model'}); "
+          "Ctrl-C stops", flush=True)
+    engine.start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.stop()
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) "
+                                     "on a trimmed model")
+    add_model_options(p)
+    add_trim_options(p, allow_none=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default: %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="tokens a chat request may generate when it sets no max_tokens (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no log line per request")
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -274,7 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).exists() and args.task == "needle":
         raise TrimformerError(f"--data {args.data} does not exist")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    model, tokenizer = _load(args)
+    from . import distributed
+
+    launch = distributed.setup()   # under torchrun / accelerate launch: this process's rank and device
+    model, tokenizer = _load(args, **launch.load_options())
     settings = ev.model_settings(args.model)
     if args.task == "needle":
         lengths = _int_list(args.lengths, "--lengths")
@@ -289,9 +335,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         items = ev.fidelity_items(tokenizer, args.data, tasks, args.limit, args.budget, args.chat, args.prompts)
         settings.update(budget=args.budget, chat=args.chat, tokens=args.tokens)
-    data = ev.run_evaluation(args.task, model, tokenizer, variants, items, json_path=args.json, settings=settings,
-                             progress=not args.no_progress, fidelity_tokens=args.tokens,
-                             plots=args.plots or "auto", log=lambda m: print(m, file=sys.stderr))
+    data = distributed.run_evaluation(launch, args.task, model, tokenizer, variants, items, json_path=args.json,
+                                      settings=settings, progress=not args.no_progress, fidelity_tokens=args.tokens,
+                                      plots=args.plots or "auto", log=lambda m: print(m, file=sys.stderr))
+    if data is None:   # not rank 0: rank 0 writes and prints the gathered results
+        return 0
     text = report_mod.format_table(data.get("full", []) + data["results"], fidelity=args.task == "fidelity")
     groups = report_mod.format_groups(data.get("groups", []))
     print(text + (f"\n\n{groups}" if groups else ""))
@@ -352,6 +400,7 @@ def add_eval_parser(sub) -> None:
             e.set_defaults(max_new_tokens=None)
         e.set_defaults(func=cmd_eval)
     add_eval_imagenet_parser(tasks)
+    add_eval_glue_parser(tasks)
     r = tasks.add_parser("report", help="merge results files (e.g. trimformer's and kvpress's) into one table")
     r.add_argument("files", nargs="+", help="results JSON files")
     r.add_argument("--table", default=None, help="write the Markdown table here")
@@ -448,6 +497,99 @@ def add_calibrate_parser(sub) -> None:
     q.set_defaults(func=cmd_calibrate_pruner)
 
 
+# ---- train-task / eval glue (TS-DTP on SST-2 and QNLI) -------------------------------------------
+def cmd_train_task(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train.tsdtp import TaskTrainOptions, train_task
+
+    torch.set_num_threads(args.threads)
+    try:
+        temperature = tuple(float(x) for x in args.temperature.split(","))
+    except ValueError as exc:
+        raise TrimformerError(f"--temperature takes FIRST,LAST, got {args.temperature!r}") from exc
+    if len(temperature) != 2:
+        raise TrimformerError(f"--temperature takes FIRST,LAST, got {args.temperature!r}")
+    opts = TaskTrainOptions(
+        task=args.task, prune=not args.no_prune, model=args.model, init=args.init,
+        layers=_int_list(args.layers, "--layers") if args.layers else None, rank=args.rank, target=args.target,
+        aux_weight=args.aux_weight, temperature=temperature, epochs=args.epochs, limit=args.limit, batch=args.batch,
+        lr=args.lr, pruner_lr=args.pruner_lr, threshold_lr=args.threshold_lr, max_length=args.max_length,
+        seed=args.seed, data=args.data,
+    )
+    result = train_task(opts, args.out, progress=not args.no_progress)
+    dev = result.dev
+    print(f"{args.task}: {result.steps} steps in {result.seconds:.0f} s; dev accuracy {100 * dev['accuracy']:.2f} "
+          f"on {dev['examples']} examples, kept share {100 * dev['kept_fraction']:.1f}%; wrote {args.out}")
+    return 0
+
+
+def add_train_task_parser(sub) -> None:
+    t = sub.add_parser("train-task", help="fine-tune a BERT classifier on SST-2 / QNLI with TS-DTP pruning "
+                                          "(or without: --no-prune), evaluate on dev, save a checkpoint")
+    t.add_argument("--task", choices=["sst2", "qnli"], required=True,
+                   help="sst2: sst2/train.tsv, dev.tsv; qnli: qnli/dev.tsv split 80/20 (seeded, fixed) into train/dev")
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    t.add_argument("--no-prune", action="store_true", help="the unpruned baseline: same recipe, no TS-DTP")
+    t.add_argument("--model", default="minilm-l6", help="backbone: minilm-l6 or a BERT folder (default: %(default)s)")
+    t.add_argument("--init", default=None, help="start from this fine-tuned checkpoint folder (e.g. the --no-prune run)")
+    t.add_argument("--layers", default=None, help="TS-DTP layers, comma-separated (default: 20/40/60/80%% of depth)")
+    t.add_argument("--rank", type=int, default=32, help="width of the task-specific attention (default: %(default)s)")
+    t.add_argument("--target", type=float, default=0.5,
+                   help="kept share of token-layer computations the auxiliary loss pulls toward (default: %(default)s)")
+    t.add_argument("--aux-weight", type=float, default=5.0, help="weight of the kept-share loss (default: %(default)s)")
+    t.add_argument("--temperature", default="1.0,0.1", help="soft-mask temperature, first,last step (default: %(default)s)")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training examples (default: %(default)s)")
+    t.add_argument("--limit", type=int, default=None, help="train on N examples (a seeded subset)")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-5, help="backbone and head learning rate (default: %(default)s)")
+    t.add_argument("--pruner-lr", type=float, default=2e-3, help="TS-DTP modules' learning rate (default: %(default)s)")
+    t.add_argument("--threshold-lr", type=float, default=5e-2, help="TS-DTP thresholds' learning rate (default: %(default)s)")
+    t.add_argument("--max-length", type=int, default=128, help="tokens per example (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    t.add_argument("--data", default=None, help="folder holding sst2/ and qnli/ (default: ../shared/data)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train_task)
+
+
+def cmd_eval_glue(args: argparse.Namespace) -> int:
+    from .evaluation.glue import format_table, run_glue
+
+    inputs = [x.strip() for x in args.bench_inputs.split(",") if x.strip()] if args.bench_inputs else None
+    data = run_glue(args.task, args.checkpoint, baseline=args.baseline, data=args.data, bench_inputs=inputs,
+                    bench_count=args.bench_batches, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                    memory=not args.no_memory, progress=not args.no_progress)
+    table = format_table(data)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def add_eval_glue_parser(tasks) -> None:
+    e = tasks.add_parser("glue", help="SST-2 / QNLI: fine-tuned vs generic pruning vs TS-DTP (accuracy, kept share, "
+                                      "throughput, peak memory)")
+    e.add_argument("--task", choices=["sst2", "qnli"], required=True)
+    e.add_argument("--checkpoint", required=True, help="a TS-DTP checkpoint folder from `trimformer train-task`")
+    e.add_argument("--baseline", default=None,
+                   help="the unpruned fine-tuned folder (default: the --init the TS-DTP run started from)")
+    e.add_argument("--data", default=None, help="folder holding sst2/ and qnli/ (default: ../shared/data)")
+    e.add_argument("--bench-inputs", default=None,
+                   help="dev inputs to time, comma-separated (default: the task's own); e.g. sst2,qnli adds "
+                        "columns at QNLI length")
+    e.add_argument("--bench-batches", type=int, default=8, help="batches of 32 timed, spread over lengths")
+    e.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    e.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    e.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval_glue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trimformer",
@@ -497,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
 
     add_calibrate_parser(sub)
+
+    add_serve_parser(sub)
+
+    add_train_task_parser(sub)
 
     p = sub.add_parser("methods", help="list the pruning methods")
     p.set_defaults(func=cmd_methods)

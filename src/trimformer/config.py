@@ -58,6 +58,8 @@ class TrimConfig:
     r: int | list[int] | None = None        # tokens merged per layer (int) or per-layer list; None: from keep
     r_schedule: str = "constant"            # for an int r: "constant", "decreasing" (2r -> 0), "increasing"
     prop_attn: bool = True                  # proportional attention: log(size) added to the attention logits
+    merge_metric: str = "auto"              # tome similarity: "keys" (head-mean, ToMe), "hidden" (the merged
+                                            # states), "auto": hidden on text encoders, keys on images
     trace_source: bool = False              # record which input tokens each slot holds, per layer
     adaptive_mode: str = "sampling"         # encoders, adaptive=True: "sampling" (ATS) or "mass" (threshold)
 
@@ -173,6 +175,8 @@ class TrimConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.adaptive_mode not in ("sampling", "mass"):
             raise ConfigError(f"adaptive_mode must be 'sampling' or 'mass', got {self.adaptive_mode!r}")
+        if self.merge_metric not in ("auto", "keys", "hidden"):
+            raise ConfigError(f"merge_metric must be 'auto', 'keys' or 'hidden', got {self.merge_metric!r}")
 
     def resolve_schedule(self, num_layers: int, preset: dict[int, float] | None = None) -> dict[int, float]:
         """The {layer: keep} plan for a model with `num_layers` layers (validated against it).

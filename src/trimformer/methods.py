@@ -15,6 +15,7 @@ import torch
 from .errors import ConfigError
 from .scoring import head_tail_scores, last_query_attention, random_scores, recency_scores
 from .scoring.learned import setup_sdtp
+from .tsdtp import setup_tsdtp
 
 
 @dataclass
@@ -151,4 +152,14 @@ register(Method(
     needs_attention=True,
     revive_default=False,
     span_pool=False,
+))
+register(Method(
+    "tsdtp",
+    "TS-DTP: task-specific attention + [CLS] attention, learned dynamic threshold per layer (BERT encoders; "
+    "pruner=DIR from `trimformer train-task`)",
+    score=None,
+    needs_attention=True,
+    revive_default=False,
+    span_pool=False,
+    setup=setup_tsdtp,
 ))

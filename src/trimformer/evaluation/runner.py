@@ -324,13 +324,16 @@ class ResultStore:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = os.open(self.path.parent, os.O_RDONLY)   # the lock: the folder itself, so no lock file is left
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
             if self.path.exists():
                 self._merge(json.loads(self.path.read_text()))
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
             os.replace(tmp, self.path)
+        finally:
+            os.close(folder)   # releases the lock
 
     def _merge(self, disk: dict[str, Any]) -> None:
         for key, cell in disk.get("cells", {}).items():

@@ -145,10 +145,12 @@ def _read_prompts(prompts: str | Path | Sequence[str]) -> list[str]:
 def run_evaluation(kind: str, model, tokenizer, variants: list[Variant], items: dict[str, list[EvalItem]],
                    json_path: str | Path | None = None, settings: dict[str, Any] | None = None,
                    backend=None, progress: bool = True, fidelity_tokens: int = 32,
-                   plots: str | Path | None = "auto", log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                   plots: str | Path | None = "auto", log: Callable[[str], None] | None = print,
+                   store: ResultStore | None = None) -> dict[str, Any]:
     """Run (or resume) one evaluation and write its JSON, table and plots. Returns the results data:
-    ``{"results": rows, "groups": group rows, ...}``."""
-    store = ResultStore(json_path)
+    ``{"results": rows, "groups": group rows, ...}``. `store`: the results file of `json_path` with
+    records already gathered (by the processes of a data-parallel run); default: read from `json_path`."""
+    store = store if store is not None else ResultStore(json_path)
     groups = ({g: [t for t in names if t in items] for g, names in lb.GROUPS.items()}
               if kind in ("longbench", "fidelity") and not set(items) - set(lb.TASKS) else None)
     if groups:

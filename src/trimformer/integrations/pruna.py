@@ -12,7 +12,8 @@ Pruna stores the dict as the hyperparameters ``token_optimizer_method``, ``..._r
 ``..._adaptive`` (and ``..._r``, ``..._options`` for anything else TrimConfig takes, as a dict).
 Pruna is optional and is imported only by `register()` / `algorithm_class()`; install it with
 ``pip install pruna`` in an environment whose torch it can share (pruna 0.3.4 pulls torch 2.14 with CUDA
-libraries, so it is not installed in this project's CPU venv).
+libraries, so it is not installed in this project's CPU venv; ``benchmarks/pruna_check.sh`` tests this module
+against pruna 0.3.4 in an environment of its own).
 """
 
 from __future__ import annotations

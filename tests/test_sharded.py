@@ -124,8 +124,8 @@ def _state_tensors(state):
                 yield "scores", layer, state.runtime.scores[layer]
             shadow = state.runtime.shadow[layer]
             if shadow is not None:
-                for f in dataclasses.fields(shadow):
-                    yield f"shadow.{f.name}", layer, getattr(shadow, f.name)
+                for name in shadow.FIELDS:
+                    yield f"shadow.{name}", layer, getattr(shadow, name)
 
 
 def _accelerate_hooks(model) -> dict[str, tuple]:

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from .api import stats, trim, untrim
 from .config import TrimConfig
 from .evaluation.needle import make_needle
+from .flops import decode_step_flops
+from .models.kv_buffer import kv_bytes, use_in_place
 
 
 @dataclass
@@ -91,55 +93,81 @@ def write_json(rows, path: str | Path) -> None:
 class DecodeRow:
     method: str
     budget: float | int | None
-    full_tokens_per_s: float
+    full_tokens_per_s: float          # the unpatched model, transformers' own DynamicCache
     trimmed_tokens_per_s: float
-    speedup: float
+    speedup: float                    # trimmed / full
     full_kv_bytes: int
     trimmed_kv_bytes: int
     peak_rss_bytes: int
+    full_in_place_tokens_per_s: float  # the unpatched model with the trimmed run's in-place cache layers
+    speedup_vs_in_place: float         # trimmed / full_in_place: what eviction itself buys
+    flop_ratio: float                  # full / trimmed FLOPs per decoded token (mean over the run)
+
+
+@dataclass
+class DecodeRun:
+    tokens_per_s: float
+    kv_bytes: int          # memory the cache holds at the end (spare room of in-place layers included)
+    mean_slots: list[float]  # (L,) cached slots each layer attended to, averaged over the steps
 
 
 @torch.inference_mode()
-def decode_run(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored); returns (tokens/s, KV bytes at the end)."""
+def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool = False) -> DecodeRun:
+    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored). `in_place` swaps the cache's layers
+    for `InPlaceLayer`s after the prefill (a trimmed model that evicts does that itself)."""
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    start = time.perf_counter()
+    if in_place:
+        use_in_place(cache)
+    slots = [0] * len(cache.layers)
+    elapsed = 0.0
     for _ in range(new_tokens):
+        start = time.perf_counter()
         out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    elapsed = time.perf_counter() - start
-    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return new_tokens / elapsed, kv
+        elapsed += time.perf_counter() - start
+        for layer in range(len(slots)):   # untimed bookkeeping for the FLOPs ratio
+            slots[layer] += cache.get_seq_length(layer)
+    return DecodeRun(new_tokens / elapsed, kv_bytes(cache), [s / new_tokens for s in slots])
 
 
 def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: TrimConfig,
                  repeats: int = 2, warmup: int = 1, progress: bool = True) -> DecodeRow:
-    """Decoding throughput, full vs trimmed, alternating in one process (medians)."""
+    """Decoding throughput in one process, alternating after a warm-up (medians): the unpatched model with
+    transformers' cache, the unpatched model with in-place cache layers, and the trimmed model."""
     import resource
 
     ids = make_needle(tokenizer, prompt_length, depth=0.5, seed=prompt_length).input_ids
-    full, trimmed = [], []
-    full_kv = trimmed_kv = 0
+    speeds: dict[str, list[float]] = {"full": [], "in_place": [], "trimmed": []}
+    last: dict[str, DecodeRun] = {}
     for rep in tqdm(range(warmup + repeats), desc="bench decode", disable=not progress):
-        speed_full, full_kv = decode_run(model, ids, new_tokens if rep >= warmup else 8)
+        steps = new_tokens if rep >= warmup else 8
+        last["full"] = decode_run(model, ids, steps)
+        last["in_place"] = decode_run(model, ids, steps, in_place=True)
         trim(model, config)
-        speed_trim, trimmed_kv = decode_run(model, ids, new_tokens if rep >= warmup else 8)
-        untrim(model)
+        try:
+            last["trimmed"] = decode_run(model, ids, steps)
+        finally:
+            untrim(model)
         if rep >= warmup:
-            full.append(speed_full)
-            trimmed.append(speed_trim)
-    f, t = statistics.median(full), statistics.median(trimmed)
+            for name, run in last.items():
+                speeds[name].append(run.tokens_per_s)
+    f, p, t = (statistics.median(speeds[name]) for name in ("full", "in_place", "trimmed"))
+    flop_ratio = decode_step_flops(model.config, last["full"].mean_slots) / \
+        decode_step_flops(model.config, last["trimmed"].mean_slots)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return DecodeRow(config.method, config.budget, f, t, t / f, full_kv, trimmed_kv, peak)
+    return DecodeRow(config.method, config.budget, f, t, t / f, last["full"].kv_bytes, last["trimmed"].kv_bytes,
+                     peak, p, t / p, flop_ratio)
 
 
 def format_decode_table(rows: list[DecodeRow]) -> str:
-    head = f"{'method':>14} {'budget':>7} {'full tok/s':>11} {'trimmed tok/s':>14} {'speedup':>8} {'KV full MB':>11} {'KV trimmed MB':>14}"
+    head = (f"{'method':>14} {'budget':>7} {'full tok/s':>11} {'in-place tok/s':>15} {'trimmed tok/s':>14} "
+            f"{'speedup':>8} {'vs in-place':>12} {'flop ratio':>11} {'KV full MB':>11} {'KV trimmed MB':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.method:>14} {str(r.budget):>7} {r.full_tokens_per_s:>11.2f} {r.trimmed_tokens_per_s:>14.2f} "
-                     f"{r.speedup:>7.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
+        lines.append(f"{r.method:>14} {str(r.budget):>7} {r.full_tokens_per_s:>11.2f} {r.full_in_place_tokens_per_s:>15.2f} "
+                     f"{r.trimmed_tokens_per_s:>14.2f} {r.speedup:>7.2f}x {r.speedup_vs_in_place:>11.2f}x "
+                     f"{r.flop_ratio:>10.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
     return "\n".join(lines)
 
 

@@ -71,18 +71,59 @@ class TrimState:
         return int(sum(int(entry.waiting.sum()) for entry in self.aux.values()))
 
 
-@dataclass
 class ShadowLayer:
-    """Evicted keys and values of one layer: they can come back at their original positions."""
+    """Evicted keys and values of one layer: they can come back at their original positions.
 
-    keys: torch.Tensor       # (B, Hkv, N, hd) post-RoPE, as they were in the cache
-    values: torch.Tensor     # (B, Hkv, N, hd)
-    positions: torch.Tensor  # (B, N)
-    valid: torch.Tensor      # (B, N) bool: False for filler
-    scores: torch.Tensor     # (B, N) accumulated attention when evicted (the shadow set's own policy)
+    The tensors live in buffers with room to spare (grown by half when full), so adding a few evicted
+    tokens copies only those tokens, not the whole shadow set. The properties are views of the slots in
+    use; `valid` is False for filler (slots whose token was readmitted or dropped)."""
+
+    GROWTH = 1.5
+    FIELDS = ("keys", "values", "positions", "valid", "scores")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor, scores: torch.Tensor):
+        # keys, values (B, Hkv, N, hd) post-RoPE, as they were in the cache; positions (B, N) long;
+        # valid (B, N) bool; scores (B, N) accumulated attention when evicted (the shadow set's own policy)
+        self._keys, self._values = keys, values
+        self._positions, self._valid, self._scores = positions, valid, scores
+        self.size = positions.shape[1]
+
+    keys = property(lambda self: self._keys[:, :, : self.size])          # (B, Hkv, N, hd)
+    values = property(lambda self: self._values[:, :, : self.size])      # (B, Hkv, N, hd)
+    positions = property(lambda self: self._positions[:, : self.size])   # (B, N)
+    valid = property(lambda self: self._valid[:, : self.size])           # (B, N)
+    scores = property(lambda self: self._scores[:, : self.size])         # (B, N)
+
+    def append(self, other: "ShadowLayer") -> None:
+        """Add `other`'s slots after the ones in use, growing the buffers if they are full."""
+        n, extra = self.size, other.size
+        if n + extra > self._positions.shape[1]:
+            capacity = max(n + extra, int(self._positions.shape[1] * self.GROWTH) + 1)
+            self._keys = _grown(self._keys, 2, n, capacity)
+            self._values = _grown(self._values, 2, n, capacity)
+            self._positions = _grown(self._positions, 1, n, capacity)
+            self._valid = _grown(self._valid, 1, n, capacity)
+            self._scores = _grown(self._scores, 1, n, capacity)
+        self._keys[:, :, n: n + extra] = other.keys.to(self._keys.device)
+        self._values[:, :, n: n + extra] = other.values.to(self._values.device)
+        self._positions[:, n: n + extra] = other.positions.to(self._positions.device)
+        self._valid[:, n: n + extra] = other.valid.to(self._valid.device)
+        self._scores[:, n: n + extra] = other.scores.to(self._scores.device)
+        self.size = n + extra
 
     def bytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        """Memory held by the key and value buffers (spare room included)."""
+        return self._keys.numel() * self._keys.element_size() + self._values.numel() * self._values.element_size()
+
+
+def _grown(buffer: torch.Tensor, dim: int, used: int, capacity: int) -> torch.Tensor:
+    """A buffer of `capacity` slots along `dim` holding the first `used` slots of `buffer` (the rest zero/False)."""
+    shape = list(buffer.shape)
+    shape[dim] = capacity
+    out = buffer.new_zeros(shape)
+    out.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
+    return out
 
 
 @dataclass

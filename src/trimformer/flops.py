@@ -30,3 +30,12 @@ def prefill_flops(config, tokens_per_layer: list[list[int]]) -> int:
             total += per_token * n + attention_flops(config, n)
     rows = len(tokens_per_layer[0]) if tokens_per_layer else 0
     return total + rows * 2 * config.hidden_size * config.vocab_size
+
+
+def decode_step_flops(config, kv_per_layer: list[int]) -> int:
+    """FLOPs of one decoding step (one new token per row) whose query attends to `kv_per_layer[l]` cached
+    slots at layer l: the layers' projections and MLP, QK^T and AV (4 x H x hd x slots), and the LM head."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = layer_linear_flops_per_token(config)
+    attention = sum(4 * config.num_attention_heads * hd * k for k in kv_per_layer)
+    return per_token * len(kv_per_layer) + attention + 2 * config.hidden_size * config.vocab_size

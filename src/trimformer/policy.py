@@ -70,3 +70,23 @@ def eviction_mask(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     budget_cut = candidate & ~below & (rank < over[:, None])
     return below | budget_cut
+
+
+def compaction_moves(keep: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Pack the kept slots of each row into the first `width` slots by moving as few as possible.
+
+    keep (B, K) bool -> ``width`` (the most slots any row keeps), ``dst`` and ``src`` (B, M): slot
+    ``src[b, j]`` moves to slot ``dst[b, j]``, a hole (a slot not kept) before ``width``. Only kept slots
+    at or after ``width`` move, so evicting a few slots moves a few; pairs a row does not need have
+    ``src == dst`` (a slot copied onto itself). After the moves, the first ``width`` slots hold every kept
+    slot of each row (rows keeping fewer have holes left there, to be masked as filler).
+    """
+    width = int(keep.sum(-1).max()) if keep.numel() else 0
+    tail = keep[:, width:]                                                       # (B, K - width)
+    n_moves = tail.sum(-1)                                                       # (B,)
+    m = int(n_moves.max()) if n_moves.numel() else 0
+    first = lambda mask: torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :m]
+    dst = first(~keep[:, :width])                                                # (B, M) holes, in slot order
+    src = first(tail) + width                                                    # (B, M) kept tail slots
+    needed = torch.arange(m, device=keep.device)[None, :] < n_moves[:, None]
+    return width, dst, torch.where(needed, src, dst)

@@ -26,6 +26,7 @@ from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
 from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .kv_buffer import use_in_place
 from .runtime import RuntimeEviction, new_runtime_state
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -214,6 +215,8 @@ class DecoderPatch:
                 lengths = [cache.get_seq_length(i) for i in range(self.num_layers)]
                 self.state = TrimState.for_untrimmed_cache(self.num_layers, lengths, batch, device)
             self.state.steps += 1
+            if self.runtime is not None:
+                use_in_place(cache)   # an evicting cache appends in place (models/kv_buffer.py)
         if cache is not None:
             setattr(cache, STATE_ATTR, self.state)
 

@@ -1,0 +1,162 @@
+"""The decode-time KV machinery's data structures: in-place cache layers, slot compaction, the shadow
+set's growing buffers, and the per-step decode FLOPs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import TINY, make_prompt
+from transformers.cache_utils import DynamicLayer
+
+import trimformer
+from trimformer.cache import ShadowLayer
+from trimformer.flops import decode_step_flops, layer_linear_flops_per_token
+from trimformer.models.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
+from trimformer.policy import compaction_moves
+
+
+def _greedy(model, ids, steps, in_place):
+    """Prefill + `steps` greedy steps; returns (logits of every step (steps, V), cache)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        if in_place:
+            use_in_place(cache)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1)
+            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.cat(logits), cache
+
+
+# ---- InPlaceLayer --------------------------------------------------------------------------------
+
+def test_in_place_cache_decodes_exactly_like_dynamic_cache(llama):
+    ids = make_prompt(40, seed=3)
+    want, ref_cache = _greedy(llama, ids, 100, in_place=False)
+    got, cache = _greedy(llama, ids, 100, in_place=True)
+    assert all(type(layer) is InPlaceLayer for layer in cache.layers)
+    assert torch.equal(got, want)
+    for layer, ref in zip(cache.layers, ref_cache.layers):
+        assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+
+
+def test_in_place_layer_writes_into_its_buffer_and_regrows():
+    layer = InPlaceLayer()
+    k = torch.randn(1, 2, 100, 4)
+    layer.update(k, -k)                                         # first update: buffer of 100 + 64 spare
+    buffer = layer._key_buffer
+    assert buffer.shape[2] == 164
+    for step in range(64):                                      # fills the spare room without reallocating
+        new = torch.full((1, 2, 1, 4), float(step))
+        keys, values = layer.update(new, -new)
+        assert layer._key_buffer is buffer and keys.data_ptr() == buffer.data_ptr()
+    assert torch.equal(keys[:, :, :100], k) and torch.equal(keys[:, :, 100:, 0], torch.arange(64.0).expand(1, 2, 64))
+    assert torch.equal(values, -keys)
+    layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))   # full: a new, larger buffer
+    assert layer._key_buffer is not buffer and layer.get_seq_length() == 165
+    assert torch.equal(layer.keys[:, :, :100], k)
+
+
+def test_in_place_layer_shrinks_after_a_large_cut_and_follows_outside_replacement():
+    layer = InPlaceLayer()
+    k = torch.randn(1, 2, 1000, 4)
+    layer.update(k, k)
+    assert layer.nbytes() == 2 * (1000 + 125) * 2 * 4 * 4
+    layer.keys, layer.values = layer.keys[:, :, :300], layer.values[:, :, :300]   # an eviction's cut (views)
+    keys, _ = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert layer._key_buffer.shape[2] == 301 + 64                                 # mostly empty: given back
+    assert torch.equal(keys[:, :, :300], k[:, :, :300]) and bool((keys[:, :, 300] == 1).all())
+    replaced = torch.randn(1, 2, 10, 4)                                           # e.g. a beam reorder
+    layer.keys, layer.values = replaced, replaced.clone()
+    keys, _ = layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    assert torch.equal(keys[:, :, :10], replaced) and keys.shape[2] == 11
+
+
+def test_use_in_place_swaps_only_plain_dynamic_layers_and_copies_nothing(llama):
+    with torch.no_grad():
+        cache = llama(input_ids=make_prompt(20), use_cache=True).past_key_values
+    before = [layer.keys for layer in cache.layers]
+    odd = copy.copy(cache.layers[0])
+    odd.__class__ = type("Sliding", (DynamicLayer,), {})
+    cache.layers[0] = odd
+    use_in_place(cache)
+    assert type(cache.layers[0]).__name__ == "Sliding"
+    assert all(type(layer) is InPlaceLayer for layer in cache.layers[1:])
+    assert all(layer.keys is keys for layer, keys in zip(cache.layers[1:], before[1:]))
+    assert kv_bytes(cache) == sum(k.numel() * 4 * 2 for k in before)
+
+
+def test_runtime_trimmed_model_uses_in_place_layers_and_keeps_its_greedy_output(llama):
+    ids = make_prompt(120, seed=1)
+    ref = llama.generate(ids, max_new_tokens=24, do_sample=False)
+    trimformer.trim(llama, method="runtime", pruning_threshold=0.0)
+    out = llama.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert all(type(layer) is InPlaceLayer for layer in out.past_key_values.layers)
+
+
+# ---- compaction_moves ----------------------------------------------------------------------------
+
+def test_compaction_moves_fill_holes_from_the_tail():
+    keep = torch.tensor([[True, False, True, False, True, True, True],
+                         [True, True, True, False, False, False, True]])
+    width, dst, src = compaction_moves(keep)
+    assert width == 5
+    # row 0: holes 1, 3 get the kept slots 5, 6; row 1: hole 3 gets slot 6, its second pair is a no-op
+    assert dst.tolist() == [[1, 3], [3, 4]]
+    assert src.tolist() == [[5, 6], [6, 4]]
+    slots = torch.arange(7).expand(2, 7)
+    packed = slots.scatter(1, dst, slots.gather(1, src))[:, :width]
+    kept = keep.scatter(1, dst, keep.gather(1, src))[:, :width]
+    assert packed[0].tolist() == [0, 5, 2, 6, 4] and kept[0].all()
+    assert packed[1][kept[1]].tolist() == [0, 1, 2, 6]                 # the 4 kept slots, one filler left
+    assert sorted(packed[1][kept[1]].tolist()) == keep[1].nonzero().flatten().tolist()
+
+
+def test_compaction_moves_nothing_when_the_holes_are_at_the_end():
+    keep = torch.tensor([[True, True, True, False, False]])
+    width, dst, src = compaction_moves(keep)
+    assert width == 3 and dst.shape == (1, 0) and src.shape == (1, 0)
+
+
+# ---- ShadowLayer ---------------------------------------------------------------------------------
+
+def _entry(positions, fill):
+    n = len(positions)
+    return ShadowLayer(keys=torch.full((1, 2, n, 4), fill), values=torch.full((1, 2, n, 4), -fill),
+                       positions=torch.tensor([positions]), valid=torch.ones(1, n, dtype=torch.bool),
+                       scores=torch.full((1, n), fill))
+
+
+def test_shadow_layer_append_keeps_everything_in_order_and_grows_geometrically():
+    shadow = _entry([3, 7], 1.0)
+    shadow.append(_entry([9], 2.0))
+    capacity = shadow._positions.shape[1]
+    assert capacity == 4 and shadow.size == 3                  # grown to 1.5 x 2 + 1
+    shadow.append(_entry([11], 3.0))                           # fits: no new buffer
+    assert shadow._positions.shape[1] == capacity
+    assert shadow.positions.tolist() == [[3, 7, 9, 11]]
+    assert shadow.keys[0, 0, :, 0].tolist() == [1.0, 1.0, 2.0, 3.0]
+    assert torch.equal(shadow.values, -shadow.keys) and shadow.valid.all()
+    assert shadow.bytes() == 2 * capacity * 2 * 4 * 4
+
+
+# ---- decode FLOPs --------------------------------------------------------------------------------
+
+def test_decode_step_flops_by_hand():
+    hd = TINY["hidden_size"] // TINY["num_attention_heads"]
+    slots = [10, 20]
+    want = (2 * layer_linear_flops_per_token(_Config()) + 4 * TINY["num_attention_heads"] * hd * 30
+            + 2 * TINY["hidden_size"] * TINY["vocab_size"])
+    assert decode_step_flops(_Config(), slots) == want
+
+
+class _Config:
+    hidden_size = TINY["hidden_size"]
+    num_attention_heads = TINY["num_attention_heads"]
+    num_key_value_heads = TINY["num_key_value_heads"]
+    intermediate_size = TINY["intermediate_size"]
+    vocab_size = TINY["vocab_size"]

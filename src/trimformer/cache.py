@@ -19,6 +19,8 @@ class LayerSlots:
         return LayerSlots(torch.cat([self.positions, positions], 1), torch.cat([self.valid, valid], 1))
 
     def to(self, device: torch.device) -> "LayerSlots":
+        if self.positions.device == device:
+            return self
         return LayerSlots(self.positions.to(device), self.valid.to(device))
 
 

@@ -232,12 +232,18 @@ class TrimformerBackend:
             return {"method": FULL, "keep": 1.0}
         from ..presets import preset_for
 
+        from ..methods import get_method
+
         cfg = variant.trim_config()
         num_layers = len(model.model.layers)
-        plan = cfg.resolve_schedule(num_layers, preset_for(model.config))
-        keeps = list(plan.values())
-        # `keep` of a schedule: the per-stage keep it equals on geometric average (= keep when uniform)
-        keep = math.exp(sum(math.log(k) for k in keeps) / len(keeps)) if keeps else 1.0
+        if get_method(cfg.method).prunes_prefill:
+            plan = cfg.resolve_schedule(num_layers, preset_for(model.config))
+            keeps = list(plan.values())
+            # `keep` of a schedule: the per-stage keep it equals on geometric average (= keep when uniform)
+            keep = math.exp(sum(math.log(k) for k in keeps) / len(keeps)) if keeps else 1.0
+        else:   # decode-time eviction only: the prompt is computed whole; `keep` is the KV budget share
+            plan = {}
+            keep = cfg.budget if isinstance(cfg.budget, float) else 1.0
         return {"method": variant.method, "keep": round(keep, 4), "config": dataclasses.asdict(cfg),
                 "schedule": {str(k): v for k, v in plan.items()}}
 
@@ -271,6 +277,8 @@ class TrimformerBackend:
         if info.get("total_tokens_seen"):  # decode-time eviction: what the cache holds at the end
             decoded.kv_share = sum(row["in_cache"] for row in info["per_layer"]) / info["total_tokens_seen"]
         decoded.info = {"flop_ratio": info["flop_ratio"], "revived": info.get("revived", 0)}
+        if "total_tokens_reintroduced" in info:   # decode-time eviction: the shadow set's traffic
+            decoded.info.update(evicted=info["total_tokens_pruned"], readmitted=info["total_tokens_reintroduced"])
         return decoded
 
 

@@ -64,6 +64,8 @@ class _Live:
 
     def to(self, device: torch.device) -> None:
         """Follow the layer about to run onto its device (a no-op when it is already there)."""
+        if self.positions.device == device:
+            return
         for name in ("positions", "valid", "source", "cos", "sin"):
             setattr(self, name, getattr(self, name).to(device))
 
@@ -71,10 +73,6 @@ class _Live:
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, Q, D), index (B, K) -> (B, K, D)."""
     return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 def execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -287,7 +285,7 @@ class DecoderPatch:
             if state.runtime is not None:
                 state.runtime.seen[layer] += int(live.valid.sum())
 
-            kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module_dtype(module))
+            kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module)
             kwargs["position_embeddings"] = (live.cos, live.sin)
             kwargs["position_ids"] = live.positions
             probe = self._probe(layer, live, keys)
@@ -297,7 +295,7 @@ class DecoderPatch:
 
         return hook
 
-    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool, layer: torch.nn.Module) -> torch.Tensor | None:
         """None when SDPA's own causal (or single-query) path is exact, else a (B, 1, Q, K) mask by
         original position: a query sees valid keys at or before its position, and its own slot.
         Bool for SDPA; additive (0 / dtype min) for eager attention, which applies no causal mask itself."""
@@ -310,6 +308,7 @@ class DecoderPatch:
         own = torch.arange(k - q, k, device=allowed.device)
         allowed[:, torch.arange(q, device=allowed.device), own] = True
         if self._kernel == "eager":
+            dtype = next(layer.parameters()).dtype
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)[:, None]
         return allowed[:, None]

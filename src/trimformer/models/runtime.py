@@ -88,9 +88,7 @@ class RuntimeEviction:
         if probe is not None and probe.scores is not None:
             previous = rt.scores[layer] if rt.scores[layer] is not None else probe.scores[:, :0]
             rt.scores[layer] = accumulate(previous, probe.scores, cfg.decay)
-        elif rt.scores[layer] is None or rt.scores[layer].shape[1] != slots.positions.shape[1]:
-            old = rt.scores[layer] if rt.scores[layer] is not None else slots.positions[:, :0].float()
-            rt.scores[layer] = accumulate(old, torch.zeros_like(slots.positions, dtype=torch.float), 1.0)
+        # (between scoring steps the scores lag behind the slots; `_scores` pads them when needed)
         newest = live.positions[:, live.n_input - 1: live.n_input]                # (B, 1)
         if state.steps % cfg.evict_every == 0:
             self._evict(layer, cache, state, newest)
@@ -109,9 +107,21 @@ class RuntimeEviction:
             return torch.ceil(seen.double() * budget).long()
         return torch.full_like(seen, int(budget))
 
+    @staticmethod
+    def _scores(layer: int, state: TrimState) -> torch.Tensor:
+        """(B, K) accumulated scores aligned with the layer's slots: slots added since the last scoring
+        step start from zero."""
+        slots, scores = state.slots[layer], state.runtime.scores[layer]
+        if scores is None:
+            scores = slots.positions[:, :0].float()
+        if scores.shape[1] < slots.positions.shape[1]:
+            scores = accumulate(scores, torch.zeros_like(slots.positions, dtype=scores.dtype), 1.0)
+            state.runtime.scores[layer] = scores
+        return scores
+
     def _evict(self, layer: int, cache, state: TrimState, newest: torch.Tensor) -> None:
         rt, cfg = state.runtime, self.config
-        slots, scores = state.slots[layer], rt.scores[layer]
+        slots, scores = state.slots[layer], self._scores(layer, state)
         protected = slots.valid & (
             (slots.positions < cfg.sinks) | (slots.positions > newest - cfg.recent)
         )

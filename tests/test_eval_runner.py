@@ -165,6 +165,9 @@ def test_runtime_variant_reports_the_kv_share_left_at_the_end(tiny):
     seen = layers * (64 + 3)               # the last generated token is never fed back
     in_cache = layers * math.ceil(0.5 * (64 + 3))
     assert decoded.kv_share == pytest.approx(in_cache / seen)
+    assert decoded.info["evicted"] == seen - in_cache and decoded.info["readmitted"] == 0
+    described = TrimformerBackend().describe(tiny, variant)
+    assert described["keep"] == 0.5 and described["schedule"] == {}   # the budget; no prefill schedule
 
 
 def test_two_runs_on_one_file_add_up(tmp_path):

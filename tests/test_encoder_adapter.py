@@ -274,3 +274,120 @@ def test_tome_on_a_decoder_is_refused():
     with pytest.raises(ConfigError, match="merges tokens in encoders"):
         trim(model, method="tome")
     assert not trimformer.is_trimmed(model)
+
+
+# ---- tome_mode="merge_unmerge" (ToMe for Stable Diffusion) ---------------------------------------------
+UNMERGE_VARIANTS = [dict(), dict(unmerge_attention="queries"), dict(unmerge_attention="keys_values"),
+                    dict(unmerge_attention="none"), dict(unmerge_mlp=False)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", UNMERGE_VARIANTS)
+def test_merge_unmerge_nothing_merged_is_exact(attn, variant):
+    model = bert(attn=attn)
+    ids, mask = text_batch()
+    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    trim(model, method="tome", tome_mode="merge_unmerge", r=0, **variant)
+    assert max_diff(outputs(model, input_ids=ids, attention_mask=mask), ref, mask) < 1e-5
+    assert stats(model)["kept_fraction"] == 1.0 and stats(model)["merged_per_layer"] == [0] * 4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", UNMERGE_VARIANTS)
+def test_merge_unmerge_row_that_merges_nothing_is_exact(attn, variant):
+    # per-row schedules from keep: a 3-token row ([CLS] x [SEP]) cannot merge, the others do; that row goes
+    # through the merge-unmerge code (own attention call, masks, unmerge) and must equal the model's output
+    model = bert(attn=attn)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 2], [1, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    trim(model, method="tome", tome_mode="merge_unmerge", reduction_ratio=0.3, **variant)
+    out = outputs(model, input_ids=ids, attention_mask=mask)
+    s = stats(model)
+    assert sum(s["merged_per_layer"]) > 0
+    r = s["schedule"]["r_attention" if variant.get("unmerge_attention", "qkv") != "none" else "r_mlp"]
+    assert all(layer[1] == 0 for layer in r) and any(layer[0] > 0 for layer in r)
+    assert float((out[0][1, :3] - ref[0][1, :3]).abs().max()) < 1e-5
+    assert float((out[0][0] - ref[0][0]).abs().max()) > 1e-4          # the long row did merge
+
+
+@pytest.mark.parametrize("variant", UNMERGE_VARIANTS)
+def test_merge_unmerge_of_duplicate_tokens_is_exact(variant):
+    # as in the merge mode: without position embeddings equal tokens have equal states in every layer, so
+    # merging each pair for a block's computation and unmerging its output changes nothing
+    model = bert()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+    ids = torch.tensor([[1, 5, 5, 7, 7, 9, 9, 11, 11, 2], [1, 5, 5, 8, 8, 2, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    trim(model, method="tome", tome_mode="merge_unmerge", r=4, **variant)
+    out = outputs(model, input_ids=ids, attention_mask=mask)
+    s = stats(model)
+    blocks = (variant.get("unmerge_attention", "qkv") != "none") + variant.get("unmerge_mlp", True)
+    assert s["merged_per_layer"] == [blocks * (4 + 2)] * 4
+    assert max_diff(out, ref, mask) < 1e-4
+
+
+def test_merge_unmerge_stats_count_the_work_done():
+    model = bert()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, -1] = 1, 2
+    n, layers = 12, 4
+    expected = {   # (query-side, key/value-side, MLP) tokens per row and layer with r=3
+        "qkv": (n - 3, n - 3, n - 3), "queries": (n - 3, n, n - 3), "keys_values": (n, n - 3, n - 3),
+        "none": (n, n, n - 3)}
+    for mode, (q, kv, mlp) in expected.items():
+        trim(model, method="tome", tome_mode="merge_unmerge", r=3, unmerge_attention=mode)
+        out = outputs(model, input_ids=ids)
+        s = stats(model)
+        assert out[0].shape == (2, n, 32)
+        assert s["kept_tokens_per_layer"] == [2 * q] * layers
+        assert s["kv_tokens_per_layer"] == [2 * kv] * layers
+        assert s["mlp_tokens_per_layer"] == [2 * mlp] * layers
+        assert s["kept_fraction"] == pytest.approx(((q + kv) / 2 + mlp) / (2 * n))
+        assert s["merge_flops"] > 0 and s["flops_trimmed"] < s["flops_full"]
+        d, ff = 32, 64
+        flops = layers * 2 * (2 * 2 * d * d * (q + kv) + 4 * d * q * kv + 2 * 2 * d * ff * mlp)
+        assert s["flops_trimmed"] == int(flops) + s["merge_flops"]
+    # from keep: each row by its own length, the realised share at least the asked 0.7
+    trim(model, method="tome", tome_mode="merge_unmerge", reduction_ratio=0.3)
+    outputs(model, input_ids=ids)
+    assert 0.7 <= stats(model)["kept_fraction"] < 0.75
+    untrim(model)
+
+
+def test_merge_unmerge_untrim_is_exact():
+    model = bert()
+    ids, mask = text_batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    trim(model, method="tome", tome_mode="merge_unmerge", r=3)
+    assert max_diff(outputs(model, input_ids=ids, attention_mask=mask), ref, mask) > 1e-4
+    untrim(model)
+    assert max_diff(outputs(model, input_ids=ids, attention_mask=mask), ref) == 0.0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_merge_unmerge_bad_options_raise_clear_errors():
+    model = bert()
+    with pytest.raises(ConfigError, match="tome_mode must be one of"):
+        trim(model, method="tome", r=2, tome_mode="unmerge")
+    with pytest.raises(ConfigError, match="unmerge_attention must be one of"):
+        trim(model, method="tome", r=2, tome_mode="merge_unmerge", unmerge_attention="keys")
+    with pytest.raises(ConfigError, match="unmerge_mlp must be True or False"):
+        trim(model, method="tome", r=2, tome_mode="merge_unmerge", unmerge_mlp="yes")
+    with pytest.raises(ConfigError, match="merges nothing"):
+        trim(model, method="tome", r=2, tome_mode="merge_unmerge", unmerge_attention="none", unmerge_mlp=False)
+    with pytest.raises(ConfigError, match="applies to method 'tome'"):
+        trim(model, method="cls_attention", keep=0.5, tome_mode="merge_unmerge")
+    with pytest.raises(ConfigError, match="adaptive"):
+        trim(model, method="tome", r=2, tome_mode="merge_unmerge", adaptive=True)
+    with pytest.raises(ConfigError, match="merge_metric"):
+        trim(model, method="tome", r=2, tome_mode="merge_unmerge", merge_metric="keys")
+    with pytest.raises(UnsupportedModelError, match="BERT-family"):
+        trim(vision("vit"), method="tome", r=2, tome_mode="merge_unmerge")
+    assert not trimformer.is_trimmed(model)
+

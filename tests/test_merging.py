@@ -18,6 +18,8 @@ from trimformer.merging import (
     set_compaction,
     source_matrix,
     token_counts,
+    unmerge,
+    unmerge_schedule,
 )
 
 
@@ -189,3 +191,55 @@ def test_ats_sampling_keeps_fewer_for_peaked_scores():
     assert counts.tolist() == [6, 1, 2]
     cand[0, 4:] = False   # never picks a non-candidate
     assert ats_counts(flat[None], cand[:1], torch.tensor([8])).item() == 4
+
+
+# ---- merge and unmerge (ToMe for Stable Diffusion) ------------------------------------------------
+def test_unmerge_of_a_hand_made_merge_gives_each_token_its_group():
+    # slots 0..5: A = 0, 2, 4; B = 1, 3, 5. Slot 2 is parallel to slot 3 and slot 4 to slot 5; [CLS] (0)
+    # is protected, so r=2 merges 2 -> 3 and 4 -> 5 and keeps A = [0], B = [1, 3, 5].
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, 1.0], [3.0, -1.0], [6.0, -2.0]]])
+    m = bipartite_soft_matching(x, 2)
+    merged, size = merge_wavg(m, x)
+    assert size.tolist() == [[1.0, 1.0, 2.0, 2.0]]
+    assert merged[0].tolist() == [[1.0, 0.0], [0.0, 1.0], [1.5, 1.5], [4.5, -1.5]]
+    y = torch.tensor([[[10.0], [11.0], [12.0], [13.0]]])           # a block's output on the merged slots
+    assert unmerge(m, y, 6)[0, :, 0].tolist() == [10.0, 11.0, 12.0, 12.0, 13.0, 13.0]
+    assert torch.equal(unmerge(m, merged, 6)[0, [0, 1]], x[0, [0, 1]])   # unmerged tokens: their own rows
+
+
+def test_unmerge_after_compaction_and_padding():
+    # row 1 is padded after slot 4 (invalid slots are removed for free, and get 0 back)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, generator=g)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 5:] = False
+    m = bipartite_soft_matching(x, torch.tensor([2, 1]), valid=valid)
+    new_valid = set_compaction(m, merge_valid(m, valid))
+    merged, size = merge_wavg(m, x, valid.float())
+    assert new_valid.sum(-1).tolist() == [6, 4] and size.sum(-1).tolist() == [8.0, 5.0]
+    back = unmerge(m, merged, 8)
+    owner = merge_owner(m, torch.arange(8).expand(2, -1), 8)
+    for b in range(2):
+        for t in range(8):
+            if not valid[b, t]:
+                assert owner[b, t] == -1 or size[b, owner[b, t]] == 0 or torch.equal(back[b, t], merged[b, owner[b, t]])
+            else:
+                assert torch.equal(back[b, t], merged[b, owner[b, t]])
+                if size[b, owner[b, t]] == 1:
+                    assert torch.allclose(back[b, t], x[b, t])
+
+
+def test_unmerge_schedule_counts_the_work_of_each_block():
+    n, layers = 40, 6
+    for costs in ((1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0)):
+        rs = unmerge_schedule(n, layers, 0.7, protected=2, costs=costs)
+        done = sum(2 * n - costs[0] * a - costs[1] * m for a, m in rs) / (2 * n * layers)
+        assert done >= 0.7 - 1e-9                                   # never less work than asked
+        assert all(a <= 19 and m <= 19 for a, m in rs)              # capped at half the unprotected tokens
+        assert all(a == 0 for a, _ in rs) if costs[0] == 0 else True
+    assert unmerge_schedule(40, 6, 0.7, 2) == [(12, 12)] * 6       # 30% of 2 x 40 x 6 = 144 merges
+    assert unmerge_schedule(40, 6, 0.7, 2, (0.0, 1.0)) == [(0, 19)] * 6   # MLP only: the cap binds (kept 0.76)
+    assert unmerge_schedule(12, 6, 1.0, 2) == [(0, 0)] * 6
+    with pytest.raises(ConfigError, match="keep"):
+        unmerge_schedule(12, 6, 0.0)
+

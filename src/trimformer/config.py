@@ -12,6 +12,8 @@ from .errors import ConfigError
 POOLS = ("max", "mean")
 DEFAULT_KEEP = 0.5
 SHADOW_DTYPES = {"float32", "float16", "bfloat16"}
+TOME_MODES = ("merge", "merge_unmerge")
+UNMERGE_ATTENTION = ("qkv", "queries", "keys_values", "none")
 
 
 @dataclass
@@ -62,6 +64,12 @@ class TrimConfig:
                                             # states), "auto": hidden on text encoders, keys on images
     trace_source: bool = False              # record which input tokens each slot holds, per layer
     adaptive_mode: str = "sampling"         # encoders, adaptive=True: "sampling" (ATS) or "mass" (threshold)
+    tome_mode: str = "merge"                # tome on BERT-family encoders: "merge" (merged tokens stay merged) or
+                                            # "merge_unmerge" (ToMe for Stable Diffusion: merge per block for the
+                                            # computation only, unmerge its output, the residual keeps every token)
+    unmerge_attention: str = "qkv"          # merge_unmerge: what the attention block computes on merged tokens:
+                                            # "qkv", "queries" (keys/values on all), "keys_values", "none"
+    unmerge_mlp: bool = True                # merge_unmerge: the MLP runs on merged tokens
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -177,6 +185,15 @@ class TrimConfig:
             raise ConfigError(f"adaptive_mode must be 'sampling' or 'mass', got {self.adaptive_mode!r}")
         if self.merge_metric not in ("auto", "keys", "hidden"):
             raise ConfigError(f"merge_metric must be 'auto', 'keys' or 'hidden', got {self.merge_metric!r}")
+        if self.tome_mode not in TOME_MODES:
+            raise ConfigError(f"tome_mode must be one of {TOME_MODES}, got {self.tome_mode!r}")
+        if self.unmerge_attention not in UNMERGE_ATTENTION:
+            raise ConfigError(f"unmerge_attention must be one of {UNMERGE_ATTENTION}, got {self.unmerge_attention!r}")
+        if not isinstance(self.unmerge_mlp, bool):
+            raise ConfigError(f"unmerge_mlp must be True or False, got {self.unmerge_mlp!r}")
+        if self.tome_mode == "merge_unmerge" and self.unmerge_attention == "none" and not self.unmerge_mlp:
+            raise ConfigError("tome_mode 'merge_unmerge' with unmerge_attention='none' and unmerge_mlp=False merges "
+                              "nothing: merge the attention block, the MLP or both")
 
     def resolve_schedule(self, num_layers: int, preset: dict[int, float] | None = None) -> dict[int, float]:
         """The {layer: keep} plan for a model with `num_layers` layers (validated against it).

@@ -229,6 +229,51 @@ def slot_map(m: Merge, t: int) -> torch.Tensor:
     return mapping
 
 
+def unmerge(m: Merge, x: torch.Tensor, t: int) -> torch.Tensor:
+    """Merge-and-unmerge (ToMe for Stable Diffusion): spread x (B, T', C), computed on the slots after
+    the merge `m`, back over the `t` slots before it. Every slot receives the row of the slot it went
+    into, so each token of a merged group gets the group's output and an unmerged token its own; a slot
+    the merge removed (an invalid A slot: padding or filler) gets 0."""
+    mapping = slot_map(m, t)
+    c = x.shape[-1]
+    out = x.gather(1, mapping.clamp(min=0)[:, :, None].expand(-1, -1, c))
+    return out.masked_fill((mapping < 0)[:, :, None], 0)
+
+
+def unmerge_schedule(n_tokens: int, num_layers: int, keep: float, protected: int = 1,
+                     costs: tuple[float, float] = (1.0, 1.0)) -> list[tuple[int, int]]:
+    """(r before the attention block, r before the MLP) at each layer, for merge-and-unmerge on a dense
+    row of `n_tokens`: the residual stream keeps every token, so each block merges from the full row
+    and the work done is ``sum(n - r * cost) / (2 n L)`` over the 2L blocks, where `costs` says which
+    share of a block's token work one merged token saves (attention, MLP; 0 = that block never merges,
+    0.5 = only half of its projections run on the merged tokens). Returns the schedule removing the most
+    work whose share done is still >= keep (a trim never does less work than asked), spread as evenly as
+    possible over the merging blocks, each capped at half its unprotected tokens."""
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep must be in (0, 1], got {keep!r}")
+    return list(_unmerge_schedule(int(n_tokens), int(num_layers), float(keep), int(protected),
+                                  tuple(float(c) for c in costs)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _unmerge_schedule(n: int, num_layers: int, keep: float, protected: int,
+                      costs: tuple[float, float]) -> tuple[tuple[int, int], ...]:
+    cap = max(0, (n - protected) // 2)
+    blocks = [(layer, kind) for layer in range(num_layers) for kind in (0, 1) if costs[kind] > 0]
+    budget = (1.0 - keep) * 2.0 * n * num_layers + 1e-9        # token-block work that may be removed
+    rs = [[0, 0] for _ in range(num_layers)]
+    spent = 0.0
+    progress = True
+    while progress:                                            # one more token per block, round-robin
+        progress = False
+        for layer, kind in blocks:
+            if rs[layer][kind] < cap and spent + costs[kind] <= budget:
+                rs[layer][kind] += 1
+                spent += costs[kind]
+                progress = True
+    return tuple((a, m) for a, m in rs)
+
+
 def merge_owner(m: Merge, owner: torch.Tensor, t: int) -> torch.Tensor:
     """Update an owner map (B, N): input token -> slot holding it (-1 stays -1)."""
     mapping = slot_map(m, t)

@@ -6,7 +6,9 @@
 reads SST-2 sentences (sst2/dev.tsv, column `text`) and QNLI questions and sentences (qnli/dev.tsv) from
 the shared data folder, embeds each with the full model and the trimmed one (same batches, in one
 process), and reports the mean, minimum and 5th percentile cosine, the share of token-layer work done
-and the FLOP ratio.
+and the FLOP ratio. With --throughput R it also times the encoder, full vs trimmed, on the first
+--throughput-sentences QNLI sentences in batches of --batch: one process, a warm-up of each, then R rounds
+alternating full and trimmed, medians of the per-round times.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import csv
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -93,6 +96,57 @@ def embedding_fidelity(model, tokenizer, sentences: list[str], config: dict, bat
     }
 
 
+@torch.inference_mode()
+def embedding_throughput(model, tokenizer, sentences: list[str], config: dict, batch: int = 32,
+                         rounds: int = 7) -> dict:
+    """Sentences per second of the encoder, full vs trimmed, on `sentences` tokenized once (padded per
+    batch): a warm-up of each, then `rounds` rounds alternating full and trimmed; medians."""
+    batches = [tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=128,
+                         return_tensors="pt") for i in range(0, len(sentences), batch)]
+
+    def run_all() -> float:
+        start = time.perf_counter()
+        for enc in batches:
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                  token_type_ids=enc.get("token_type_ids"))
+        return time.perf_counter() - start
+
+    kept, ratios, tokens = [], [], 0
+    trim(model, dict(config))
+    try:
+        for enc in batches:                                   # warm-up of the trimmed model, and its stats
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                  token_type_ids=enc.get("token_type_ids"))
+            s = stats(model)
+            kept.append((s["kept_fraction"], s["flops_full"]))
+            ratios.append((s["flops_full"], s["flops_trimmed"]))
+    finally:
+        untrim(model)
+    run_all()                                                 # warm-up of the full model
+    full_t, trimmed_t = [], []
+    for _ in range(rounds):
+        full_t.append(run_all())
+        trim(model, dict(config))
+        try:
+            trimmed_t.append(run_all())
+        finally:
+            untrim(model)
+    full, trimmed = statistics.median(full_t), statistics.median(trimmed_t)
+    n = len(sentences)
+    flops_full = sum(f for f, _ in ratios)
+    return {
+        "sentences": n,
+        "batch": batch,
+        "rounds": rounds,
+        "mean_tokens": sum(int(e["attention_mask"].sum()) for e in batches) / n,
+        "full_sentences_per_s": n / full,
+        "trimmed_sentences_per_s": n / trimmed,
+        "speedup": full / trimmed,
+        "flop_ratio": flops_full / sum(t for _, t in ratios),
+        "kept_fraction": sum(k * f for k, f in kept) / flops_full,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_model
 
@@ -106,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="sentences per task (default: all)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--throughput", type=int, default=0, metavar="ROUNDS",
+                   help="also time full vs trimmed on QNLI sentences, this many alternating rounds (0: off)")
+    p.add_argument("--throughput-sentences", type=int, default=256)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -121,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task}: {row['sentences']} sentences, mean cosine {row['mean_cosine']:.4f}, "
               f"p05 {row['p05_cosine']:.4f}, min {row['min_cosine']:.4f}, kept {row['kept_fraction']:.3f}, "
               f"flop ratio {row['flop_ratio']:.2f}x", flush=True)
+    if args.throughput:
+        sentences = read_sentences("qnli", args.data, args.throughput_sentences)
+        row = {"task": "throughput-qnli", "model": args.model, "config": config,
+               **embedding_throughput(model, tokenizer, sentences, config, args.batch, args.throughput)}
+        results.append(row)
+        print(f"throughput (qnli, {row['sentences']} sentences, {row['mean_tokens']:.1f} tokens, batch {row['batch']}): "
+              f"full {row['full_sentences_per_s']:.1f}/s, trimmed {row['trimmed_sentences_per_s']:.1f}/s, "
+              f"speedup {row['speedup']:.2f}x, flop ratio {row['flop_ratio']:.2f}x, kept {row['kept_fraction']:.3f}",
+              flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")

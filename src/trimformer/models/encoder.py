@@ -16,6 +16,10 @@ layer's MLP already runs on fewer tokens. Per forward:
   slot it was merged into, a dropped token its hidden state when it was dropped (after the family's
   final norm, if any).
 
+With ``tome_mode="merge_unmerge"`` (BERT family; ToMe for Stable Diffusion) the layout never changes: each
+block (attention, MLP) merges its own input for its computation only and unmerges its output onto every
+token, which adds it to its own residual (`_unmerge_layer`).
+
 [CLS] (and DeiT's distillation token) is never merged or dropped and stays at slot 0 (and 1), so the
 model's own pooling and heads work unchanged. Batches must be right-padded (the tokenizers' default).
 """
@@ -41,6 +45,8 @@ from ..merging import (
     parse_r,
     r_for_keep,
     set_compaction,
+    unmerge,
+    unmerge_schedule,
 )
 from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
@@ -52,6 +58,9 @@ ATTENTION_KERNELS = ("sdpa", "eager")
 ENCODER_METHODS = ("tome", "cls_attention", "random", "tsdtp")
 DECODER_ONLY_METHODS = ("lazy", "sdtp", "static", "truncate", "runtime")   # last-query / recency / KV methods
 ADAPTIVE_MODES = ("sampling", "mass")
+# merge_unmerge: share of an attention block's token work one merged token saves (q, k, v, o projections:
+# "queries" merges q and o, "keys_values" k and v), see `merging.unmerge_schedule`
+UNMERGE_ATTENTION_COST = {"qkv": 1.0, "queries": 0.5, "keys_values": 0.5, "none": 0.0}
 
 
 # ---- families ------------------------------------------------------------------------------------
@@ -156,6 +165,8 @@ class EncoderState:
     owner: torch.Tensor | None = None                   # (B, N) final slot of each input token (-1 dropped)
     owners: list = field(default_factory=list)          # per layer after reduction, if trace_source
     kept: torch.Tensor | None = None                    # (B, N) bool: input token not dropped
+    kv_tokens: list = field(default_factory=list)       # per layer: (B,) tokens whose keys/values are computed
+    merge_flops: float = 0.0                            # cost of the similarity matching (bipartite scores)
 
 
 def check_supported(model: torch.nn.Module) -> Family:
@@ -186,6 +197,20 @@ class EncoderPatch:
         self.method = method
         self.num_layers = len(self.family.layers)
         self.merging = method.name == "tome"
+        self.unmerging = self.merging and config.tome_mode == "merge_unmerge"
+        if config.tome_mode != "merge" and not self.merging:
+            raise ConfigError(f"tome_mode={config.tome_mode!r} applies to method 'tome', not {method.name!r}")
+        if self.unmerging:
+            if self.family.name != "bert":
+                raise UnsupportedModelError(
+                    f"tome_mode 'merge_unmerge' is implemented for BERT-family encoders, not {self.family.name!r}; "
+                    "use tome_mode='merge' there")
+            if config.adaptive:
+                raise ConfigError("tome_mode 'merge_unmerge' takes a fixed schedule (r or keep); adaptive=True is "
+                                  "for tome_mode 'merge'")
+            if config.merge_metric == "keys":
+                raise ConfigError("tome_mode 'merge_unmerge' matches on each block's input hidden states; "
+                                  "merge_metric must be 'auto' or 'hidden'")
         self.metric = self._merge_metric()
         if method.evicts or not method.prunes_prefill or method.name in DECODER_ONLY_METHODS:
             from .decoder import SUPPORTED
@@ -221,7 +246,9 @@ class EncoderPatch:
         cfg, needs = self.config, {}
         for layer in range(self.num_layers):
             want = set()
-            if self.merging:
+            if self.unmerging:
+                pass                                  # matches on each block's input, captures nothing
+            elif self.merging:
                 if self.metric == "keys":
                     want.add("k")
                 if cfg.adaptive:
@@ -313,7 +340,9 @@ class EncoderPatch:
         if live.irregular:
             live.owner = torch.where(live.valid, live.owner, -1)
         self.state = EncoderState(lengths.cpu())
-        if self.merging:
+        if self.unmerging:
+            self._start_unmerge(lengths)
+        elif self.merging:
             if self._rs is None:   # from keep: each row by its own length, so rows do not affect each other
                 keep = self.config.keep if self.config.keep is not None else 0.5
                 per_row = {}
@@ -330,6 +359,25 @@ class EncoderPatch:
                     self.rs = [table[layer] for layer in range(self.num_layers)]
             else:
                 self.rs = list(self._rs)
+
+    def _unmerge_costs(self) -> tuple[float, float]:
+        return UNMERGE_ATTENTION_COST[self.config.unmerge_attention], 1.0 if self.config.unmerge_mlp else 0.0
+
+    def _start_unmerge(self, lengths: torch.Tensor) -> None:
+        """merge_unmerge: (r before the attention, r before the MLP) per layer, each an int or (B,) per row."""
+        costs = self._unmerge_costs()
+        protected = self.family.protected + 1                         # [CLS] and [SEP]
+        if self._rs is None:
+            keep = self.config.keep if self.config.keep is not None else 0.5
+            per_row = {n: unmerge_schedule(n, self.num_layers, keep, protected, costs) for n in set(lengths.tolist())}
+            rows = [per_row[n] for n in lengths.tolist()]
+        else:
+            rows = [[(r if costs[0] > 0 else 0, r if costs[1] > 0 else 0) for r in self._rs]] * len(lengths)
+        if all(row == rows[0] for row in rows):
+            self.rs = [tuple(pair) for pair in rows[0]]
+        else:
+            table = torch.tensor(rows, device=self.live.valid.device)     # (B, L, 2)
+            self.rs = [(table[:, layer, 0], table[:, layer, 1]) for layer in range(self.num_layers)]
 
     def _on_end(self, module, args, kwargs, output):
         live, state = self.live, self.state
@@ -369,6 +417,8 @@ class EncoderPatch:
                 self._start_rows(hidden_states)
             for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
                 kwargs.pop(name, None)
+            if self.unmerging:
+                return self._unmerge_layer(index, layer, hidden_states, attention_mask, kwargs, original)
             bias = None
             if live.reduced or live.irregular:
                 proportional = self.config.prop_attn and live.size is not None
@@ -474,6 +524,8 @@ class EncoderPatch:
             metric = self._captured["k"].view(b, t, heads, -1).mean(2)   # (B, T, head_dim)
         m = bipartite_soft_matching(metric, rows, self.family.protected, live.valid if live.irregular or cfg.adaptive
                                     else None, protect=self._sep_slots(t))
+        n = live.valid.sum(-1)
+        self.state.merge_flops += float((2 * metric.shape[-1] * ((n + 1) // 2) * (n // 2)).sum())
         before = int(live.valid.sum())
         if live.irregular or cfg.adaptive:
             new_valid = set_compaction(m, merge_valid(m, live.valid))
@@ -488,6 +540,100 @@ class EncoderPatch:
         live.size = size
         live.reduced = True
         return h, before - int(live.valid.sum())
+
+    # ---- merge and unmerge (ToMe for Stable Diffusion) ----------------------------------------
+    def _block_merge(self, x: torch.Tensor, r) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Merge `r` tokens of a block's input x (B, T, D) for its computation only: (merge, merged x,
+        sizes, merged per row). Matches on x itself; [CLS] and each row's [SEP] are never merged."""
+        live = self.live
+        b, t, d = x.shape
+        ragged = live.irregular or isinstance(r, torch.Tensor)
+        m = bipartite_soft_matching(x, r, self.family.protected, live.valid if live.irregular else None,
+                                    protect=self._sep_slots(t))
+        if ragged:
+            set_compaction(m, merge_valid(m, live.valid))
+        xm, size = merge_wavg(m, x, live.valid.to(x.dtype))
+        n = live.valid.sum(-1)
+        merged = n - (size > 0).sum(-1)
+        half_a, half_b = (n + 1) // 2, n // 2                           # valid A and B slots per row
+        self.state.merge_flops += float((2 * d * half_a * half_b + 3 * d * n).sum())
+        return m, xm, size, merged.cpu()
+
+    def _attend(self, layer, q_in: torch.Tensor, kv_in: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """BERT self-attention with queries from q_in (B, Tq, D), keys/values from kv_in (B, Tk, D) and an
+        additive bias (B, 1, 1, Tk) or None; returns the context (B, Tq, D) before the output projection."""
+        a = layer.attention.self
+        b, tq, d = q_in.shape
+        heads = a.num_attention_heads
+
+        def split(x):
+            return x.view(b, x.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = split(a.query(q_in)), split(a.key(kv_in)), split(a.value(kv_in))
+        if self.family.base.config._attn_implementation == "sdpa":
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=a.scaling)
+        else:
+            logits = torch.matmul(q, k.transpose(2, 3)) * a.scaling
+            if bias is not None:
+                logits = logits + bias
+            ctx = torch.matmul(logits.softmax(-1), v)
+        return ctx.transpose(1, 2).reshape(b, tq, -1)
+
+    def _unmerge_layer(self, index: int, layer, x: torch.Tensor, attention_mask, kwargs, original) -> torch.Tensor:
+        """One BERT layer under merge_unmerge: each block (attention, MLP) may run on merged tokens; its
+        output is unmerged (each token of a group gets the group's output) and added to every token's own
+        residual before the block's LayerNorm. The residual stream keeps every token, so nothing compounds."""
+        live, state, cfg = self.live, self.state, self.config
+        n = live.valid.sum(-1).cpu()
+        ra, rm = self.rs[index]
+        attn_mode = cfg.unmerge_attention if _any(ra) else "none"
+        mlp_merges = cfg.unmerge_mlp and _any(rm)
+        merged = 0
+        if attn_mode == "none" and not mlp_merges:                      # nothing merged here: the layer as is
+            out = original(x, attention_mask, **kwargs)
+            state.attn_tokens.append(n)
+            state.kv_tokens.append(n)
+            state.mlp_tokens.append(n)
+            state.merged.append(0)
+            state.dropped.append(0)
+            if cfg.trace_source:
+                state.owners.append(live.owner.clone())
+            return out
+        q_tokens = kv_tokens = n
+        if attn_mode == "none":
+            h, _ = layer.attention(x, attention_mask, past_key_values=None, **kwargs)
+        else:
+            m, xm, size, gone = self._block_merge(x, ra)
+            merged += int(gone.sum())
+            merged_bias = attention_bias(size, cfg.prop_attn, x.dtype)
+            full_bias = attention_bias(live.valid.to(x.dtype), False, x.dtype) if live.irregular else None
+            if attn_mode == "qkv":
+                ctx, q_tokens, kv_tokens = self._attend(layer, xm, xm, merged_bias), n - gone, n - gone
+            elif attn_mode == "queries":
+                ctx, q_tokens = self._attend(layer, xm, x, full_bias), n - gone
+            else:                                                       # keys_values
+                ctx, kv_tokens = self._attend(layer, x, xm, merged_bias), n - gone
+            o = layer.attention.output.dense(ctx)
+            if attn_mode != "keys_values":
+                o = unmerge(m, o, x.shape[1])
+            h = layer.attention.output.LayerNorm(layer.attention.output.dropout(o) + x)
+        mlp_tokens = n
+        if mlp_merges:
+            m2, hm, _, gone = self._block_merge(h, rm)
+            merged += int(gone.sum())
+            mlp_tokens = n - gone
+            f = unmerge(m2, layer.output.dense(layer.intermediate(hm)), h.shape[1])
+            out = layer.output.LayerNorm(layer.output.dropout(f) + h)
+        else:
+            out = layer.feed_forward_chunk(h)
+        state.attn_tokens.append(q_tokens)
+        state.kv_tokens.append(kv_tokens)
+        state.mlp_tokens.append(mlp_tokens)
+        state.merged.append(merged)
+        state.dropped.append(0)
+        if cfg.trace_source:
+            state.owners.append(live.owner.clone())
+        return out
 
     # ---- dropping ----------------------------------------------------------------------------
     def _drop(self, layer: int, h: torch.Tensor, bias) -> tuple[torch.Tensor, int]:
@@ -553,18 +699,28 @@ class EncoderPatch:
             raise TrimformerError("no forward has run since trim(); stats describe the last forward")
         config = self.family.base.config
         lengths = [int(n) for n in state.lengths]
-        attn = torch.stack(state.attn_tokens)                    # (L, B)
+        attn = torch.stack(state.attn_tokens)                    # (L, B) queries (and o projection)
+        kv = torch.stack(state.kv_tokens) if state.kv_tokens else attn     # (L, B) keys / values
         mlp = torch.stack(state.mlp_tokens)
         full = torch.tensor(lengths)[None].expand_as(attn)
         flops_full = encoder_flops(config, full, full)
-        flops_trimmed = encoder_flops(config, attn, mlp)
+        flops_trimmed = encoder_flops(config, attn, mlp, kv) + int(state.merge_flops)
         total = 2 * int(full.sum())
-        done = int(attn.sum() + mlp.sum())
+        done = float(attn.sum() + kv.sum()) / 2 + int(mlp.sum())    # attention: half q/o, half k/v
+        if self.unmerging:
+            def listed(v):
+                return v.tolist() if isinstance(v, torch.Tensor) else v
+            schedule = {"tome_mode": "merge_unmerge", "unmerge_attention": self.config.unmerge_attention,
+                        "unmerge_mlp": self.config.unmerge_mlp,
+                        "r_attention": [listed(a) for a, _ in self.rs], "r_mlp": [listed(m) for _, m in self.rs]}
+        elif self.merging:
+            schedule = {"r": [r.tolist() if isinstance(r, torch.Tensor) else r for r in self.rs]}
+        else:
+            schedule = dict(self.plan)
         result = {
             "method": self.config.method,
             "architecture": self.family.name,
-            "schedule": {"r": [r.tolist() if isinstance(r, torch.Tensor) else r for r in self.rs]}
-            if self.merging else dict(self.plan),
+            "schedule": schedule,
             "adaptive": bool(self.config.adaptive),
             "prompt_tokens": lengths,
             "input_tokens": lengths,
@@ -573,7 +729,9 @@ class EncoderPatch:
             "final_tokens": mlp[-1].tolist(),
             "merged_per_layer": list(state.merged),
             "dropped_per_layer": list(state.dropped),
+            "kv_tokens_per_layer": kv.sum(-1).tolist(),
             "kept_fraction": done / total if total else 1.0,
+            "merge_flops": int(state.merge_flops),
             "flops_full": flops_full,
             "flops_trimmed": flops_trimmed,
             "flop_ratio": flops_full / flops_trimmed if flops_trimmed else 1.0,
@@ -581,12 +739,20 @@ class EncoderPatch:
         return result
 
 
-def encoder_flops(config, attn_tokens: torch.Tensor, mlp_tokens: torch.Tensor) -> int:
+def encoder_flops(config, attn_tokens: torch.Tensor, mlp_tokens: torch.Tensor,
+                  kv_tokens: torch.Tensor | None = None) -> int:
     """FLOPs of the encoder layers: attn_tokens / mlp_tokens (L, B) tokens in each layer's attention
-    block (q, k, v, o projections and n^2 attention) and MLP."""
+    block (q, k, v, o projections and n^2 attention) and MLP. With kv_tokens (merge_unmerge), the
+    attention's queries and o projection run on attn_tokens and its keys and values on kv_tokens."""
     d = config.hidden_size
     ff = config.intermediate_size
     a = attn_tokens.double()
+    kv = a if kv_tokens is None else kv_tokens.double()
     m = mlp_tokens.double()
-    per_layer = 2 * 4 * d * d * a + 4 * d * a * a + 2 * 2 * d * ff * m
+    per_layer = 2 * 2 * d * d * (a + kv) + 4 * d * a * kv + 2 * 2 * d * ff * m
     return int(per_layer.sum())
+
+
+def _any(r) -> bool:
+    """Whether a schedule entry (an int, or (B,) per row) merges anything."""
+    return bool(int(r.max()) > 0) if isinstance(r, torch.Tensor) else r > 0

@@ -14,8 +14,8 @@ from trimformer.evaluation.glue import load_classifier, matched_keep, ratio_kept
 from trimformer.evaluation.glue_data import collate, length_batches, tokenize, Example
 from trimformer.scoring.learned import model_signature
 from trimformer.scoring.task_attention import relative_log_scores, task_attention, threshold_counts
-from trimformer.train.tsdtp import TaskTrainOptions, soft_forward, train_task
-from trimformer.tsdtp import TSDTPConfig, TSDTPPruner
+from trimformer.train.tsdtp import TaskTrainOptions, distill_loss, share_target, soft_forward, train_task
+from trimformer.tsdtp import TSDTPConfig, TSDTPPruner, batch_counts, set_counts
 
 torch.set_num_threads(1)
 WORDS = ["good", "bad", "movie", "film", "the", "a", "plot", "actor", "very", "quite", "scene", "story"]
@@ -72,6 +72,23 @@ def test_threshold_counts_follow_the_scores_and_keep_protected_tokens():
     assert threshold_counts(z, valid, protected, 0.5).tolist() == [2, 1]
 
 
+def test_batch_counts_spread_the_batch_budget_over_the_rows():
+    valid = torch.tensor([[1] * 10, [1] * 10, [1] * 6 + [0] * 4], dtype=torch.bool)
+    protected = torch.zeros_like(valid)
+    protected[:, 0] = True
+    protected[torch.arange(3), valid.sum(-1) - 1] = True
+    counts = torch.tensor([10, 2, 4])                 # droppable kept: 8 + 0 + 2 = 10 of 8 + 8 + 4 = 20
+    out = batch_counts(counts, valid, protected)
+    assert out.tolist() == [6, 6, 4]                  # 2 protected + half of each row's droppable tokens
+    assert int(out.sum()) == int(counts.sum())
+    # largest remainder: the total stays exact when the share does not divide evenly
+    out = batch_counts(torch.tensor([9, 2, 2]), valid, protected)    # budget 7 of 20 -> 2.8, 2.8, 1.4
+    assert out.tolist() == [5, 5, 3] and int(out.sum()) == 13
+    # rows with nothing droppable keep their protected tokens
+    only = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    assert batch_counts(torch.tensor([2]), only, only).tolist() == [2]
+
+
 # ---- the trimmed model -------------------------------------------------------------------------------
 def test_nothing_pruned_gives_the_encoders_own_outputs(tmp_path):
     model = tiny_bert()
@@ -110,6 +127,41 @@ def test_padded_batch_keeps_cls_and_matches_each_row_alone(tmp_path):
     assert not kept[batch["attention_mask"] == 0].any(), "padding counted as live"
     assert s["kept_fraction"] < 0.9 and s["dropped_per_layer"][0] > 0
     assert float((logits - torch.cat(rows)).abs().max()) < 1e-4
+
+
+def test_batch_counts_make_the_batch_as_narrow_as_the_kept_share(tmp_path):
+    """counts="batch": the same tokens dropped in total at the first pruning layer as per-row thresholds,
+    but every row keeps about as many, so the hidden states after it are narrower than the widest row."""
+    model = tiny_bert()
+    pruner_for(model, [0], [0.0]).save(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    batch = {"input_ids": torch.randint(5, 100, (6, 24), generator=g), "attention_mask": torch.ones(6, 24, dtype=torch.long)}
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    widths: list[int] = []
+    hook = model.bert.encoder.layer[1].attention.register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    result = {}
+    with torch.no_grad():
+        for counts in ("row", "batch"):
+            trim(model, method="tsdtp", pruner=str(tmp_path), layers=[0])
+            if counts == "batch":
+                set_counts(model, counts)
+            model(**batch)
+            s = stats(model)
+            result[counts] = (widths[-1], s["mlp_tokens_per_layer"][0], s["dropped_per_layer"][0])
+            untrim(model)
+    hook.remove()
+    (w_row, kept_row, dropped_row), (w_batch, kept_batch, dropped_batch) = result["row"], result["batch"]
+    assert dropped_row > 0 and kept_row == kept_batch and dropped_row == dropped_batch
+    assert w_batch == -(-kept_batch // 6) < w_row                 # ceil(kept / rows), narrower than per-row
+    with pytest.raises(ConfigError, match="counts"):
+        set_counts(model, "batch")                                # not trimmed
+    trim(model, method="tsdtp", pruner=str(tmp_path), layers=[0])
+    with pytest.raises(ConfigError, match="counts must be one of"):
+        set_counts(model, "rows")
+    untrim(model)
+    with pytest.raises(ConfigError, match="counts must be one of"):
+        TSDTPConfig(model_signature(model.config), [0], rank=8, counts="widest") and TSDTPPruner(
+            TSDTPConfig(model_signature(model.config), [0], rank=8, counts="widest"))
 
 
 def test_hard_training_forward_equals_the_trimmed_model(tmp_path):
@@ -172,6 +224,42 @@ def test_errors_are_clear(tmp_path, llama):
     assert not hasattr(model, "_trimformer_patch")
 
 
+# ---- losses and schedules -------------------------------------------------------------------------------
+def test_distill_loss_on_hand_made_logits():
+    import math
+
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])      # soft labels (0.75, 0.25) and (0.5, 0.5)
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0]])                 # uniform
+    kl_first = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert abs(float(distill_loss(student, teacher)) - kl_first / 2) < 1e-6      # batch mean: (kl + 0) / 2
+    assert float(distill_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-7)
+    # temperature 2: T^2 x KL of the softened distributions
+    p = torch.tensor([math.sqrt(3.0), 1.0]) / (math.sqrt(3.0) + 1.0)
+    kl_t2 = float((p * (p / 0.5).log()).sum())
+    assert abs(float(distill_loss(student, teacher, 2.0)) - 4 * kl_t2 / 2) < 1e-6
+    # gradient reaches the student only
+    s = student.clone().requires_grad_(True)
+    t = teacher.clone().requires_grad_(True)
+    distill_loss(s, t).backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0 and t.grad is None
+
+
+def test_share_target_ramps_from_one_to_the_target():
+    assert [share_target(step, 10, 0.5, 0.5) for step in range(10)] == pytest.approx(
+        [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert [share_target(step, 10, 0.6, 0.0) for step in (0, 5, 9)] == [0.6, 0.6, 0.6]
+    assert share_target(0, 10, 0.4, 1.0) == 1.0 and share_target(9, 10, 0.4, 1.0) == pytest.approx(0.46)
+
+
+def test_new_training_options_are_checked():
+    for bad, match in (({"target_ramp": 1.5}, "target_ramp"), ({"distill": 0.5}, "teacher"),
+                       ({"distill": 1.2, "init": "x"}, "distill must be"), ({"distill_temperature": 0.0}, "distill_temperature"),
+                       ({"aux_weight": -1.0}, "aux_weight"), ({"min_length": 0}, "min_length"),
+                       ({"counts": "widest"}, "counts")):
+        with pytest.raises(ConfigError, match=match):
+            TaskTrainOptions(**bad).validate()
+
+
 # ---- training and the checkpoint ---------------------------------------------------------------------
 @pytest.fixture
 def synthetic(tmp_path):
@@ -204,7 +292,8 @@ def synthetic(tmp_path):
 def test_training_lowers_the_loss_and_the_checkpoint_round_trips(synthetic, tmp_path):
     model_dir, data = synthetic
     opts = TaskTrainOptions(task="sst2", model=str(model_dir), data=str(data), layers=[1, 2], rank=8,
-                            epochs=8, batch=16, lr=1e-3, pruner_lr=1e-2, target=0.7, freeze_embeddings=False)
+                            epochs=8, batch=16, lr=1e-3, pruner_lr=1e-2, target=0.7, freeze_embeddings=False,
+                            counts="row")
     out = tmp_path / "ckpt"
     result = train_task(opts, out, progress=False, log_every=1)
     ce = [h["ce"] for h in result.history]
@@ -228,6 +317,19 @@ def test_training_lowers_the_loss_and_the_checkpoint_round_trips(synthetic, tmp_
     assert torch.equal(before, after) and kept_before == kept_after
     assert torch.equal(logits_before, logits_after)
 
+    # the table: one row per counts mode, the generic row at the first one's kept share
+    from trimformer.evaluation.glue import run_glue
+
+    table = run_glue("sst2", out, baseline=model_dir, data=str(data), bench_count=1, repeats=1, warmup=0,
+                     memory=False, progress=False, tsdtp_counts=["batch", "row"])
+    rows = {r["method"]: r for r in table["results"]}
+    assert list(rows) == ["finetuned", "cls_attention", "tsdtp", "tsdtp-row"]
+    assert rows["tsdtp"]["counts"] == "batch" and rows["tsdtp-row"]["counts"] == "row"
+    assert rows["cls_attention"]["kept_fraction"] >= rows["tsdtp"]["kept_fraction"] - 1e-9
+    assert rows["tsdtp-row"]["accuracy"] == result.dev["accuracy"]     # train-task's dev check used the default, row
+    with pytest.raises(ConfigError, match="counts must be one of"):
+        tsdtp_options(out, "widest")
+
 
 def test_training_is_deterministic_under_a_seed(synthetic, tmp_path):
     model_dir, data = synthetic
@@ -237,6 +339,41 @@ def test_training_is_deterministic_under_a_seed(synthetic, tmp_path):
     b = train_task(opts, tmp_path / "b", progress=False, log_every=1)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert (tmp_path / "a" / "tsdtp.safetensors").read_bytes() == (tmp_path / "b" / "tsdtp.safetensors").read_bytes()
+
+
+def test_distillation_ramp_and_min_length_train_deterministically(synthetic, tmp_path):
+    """KD from a teacher, the target ramp and the length filter: the logged targets follow the ramp, KD is
+    logged, only long rows are used, the checkpoint records counts, and two runs agree bit for bit."""
+    model_dir, data = synthetic
+    opts = TaskTrainOptions(task="sst2", model=str(model_dir), teacher=str(model_dir), data=str(data), layers=[1],
+                            rank=4, epochs=0.5, batch=16, seed=4, distill=0.5, distill_temperature=2.0,
+                            target=0.6, target_ramp=0.5, min_length=6, counts="batch")
+    a = train_task(opts, tmp_path / "a", progress=False, log_every=1)
+    b = train_task(opts, tmp_path / "b", progress=False, log_every=1)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    steps = a.steps
+    assert [h["target"] for h in a.history] == pytest.approx([share_target(s, steps, 0.6, 0.5) for s in range(steps)])
+    assert a.history[0]["target"] == 1.0 and a.history[-1]["target"] == 0.6
+    assert all("kd" in h and h["kd"] > -1e-6 for h in a.history)
+    import json
+
+    record = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert 0 < record["train_examples"] < 384               # the rows under 6 tokens were left out
+    assert TSDTPPruner.load(tmp_path / "a").config.counts == "batch"
+    # with distill=1 the labels play no part: flipping them changes nothing
+    flipped = tmp_path / "flipped"
+    (flipped / "sst2").mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = (data / "sst2" / f"{split}.tsv").read_text().splitlines()
+        (flipped / "sst2" / f"{split}.tsv").write_text("\n".join(
+            [lines[0]] + [t + "\t" + str(1 - int(l)) for t, l in (x.rsplit("\t", 1) for x in lines[1:])]) + "\n")
+    only_kd = dict(model=str(model_dir), teacher=str(model_dir), layers=[1], rank=4, epochs=0.25, batch=16, seed=4,
+                   distill=1.0)
+    c = train_task(TaskTrainOptions(task="sst2", data=str(data), **only_kd), tmp_path / "c", progress=False, log_every=1)
+    d = train_task(TaskTrainOptions(task="sst2", data=str(flipped), **only_kd), tmp_path / "d", progress=False,
+                   log_every=1)
+    assert [h["loss"] for h in c.history] == [h["loss"] for h in d.history]
 
 
 # ---- data ----------------------------------------------------------------------------------------------

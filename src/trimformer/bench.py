@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .api import stats, trim, untrim
 from .config import TrimConfig
+from .errors import InputError
 from .evaluation.needle import make_needle
 from .flops import decode_step_flops
 from .models.kv_buffer import kv_bytes, use_in_place
@@ -102,6 +103,7 @@ class DecodeRow:
     full_in_place_tokens_per_s: float  # the unpatched model with the trimmed run's in-place cache layers
     speedup_vs_in_place: float         # trimmed / full_in_place: what eviction itself buys
     flop_ratio: float                  # full / trimmed FLOPs per decoded token (mean over the run)
+    batch: int = 1                     # rows decoded together (tokens/s count every row)
 
 
 @dataclass
@@ -113,8 +115,9 @@ class DecodeRun:
 
 @torch.inference_mode()
 def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool = False) -> DecodeRun:
-    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored). `in_place` swaps the cache's layers
-    for `InPlaceLayer`s after the prefill (a trimmed model that evicts does that itself)."""
+    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored) of every row of `input_ids` (B, T);
+    tokens/s counts all rows. `in_place` swaps the cache's layers for `InPlaceLayer`s after the prefill (a
+    trimmed model that evicts does that itself)."""
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
     if in_place:
@@ -128,16 +131,21 @@ def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool =
         elapsed += time.perf_counter() - start
         for layer in range(len(slots)):   # untimed bookkeeping for the FLOPs ratio
             slots[layer] += cache.get_seq_length(layer)
-    return DecodeRun(new_tokens / elapsed, kv_bytes(cache), [s / new_tokens for s in slots])
+    return DecodeRun(input_ids.shape[0] * new_tokens / elapsed, kv_bytes(cache), [s / new_tokens for s in slots])
 
 
 def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: TrimConfig,
-                 repeats: int = 2, warmup: int = 1, progress: bool = True) -> DecodeRow:
+                 repeats: int = 2, warmup: int = 1, batch: int = 1, progress: bool = True) -> DecodeRow:
     """Decoding throughput in one process, alternating after a warm-up (medians): the unpatched model with
-    transformers' cache, the unpatched model with in-place cache layers, and the trimmed model."""
+    transformers' cache, the unpatched model with in-place cache layers, and the trimmed model. `batch` rows
+    of `prompt_length` tokens each (needle prompts, the needle at a different depth in each row)."""
     import resource
 
-    ids = make_needle(tokenizer, prompt_length, depth=0.5, seed=prompt_length).input_ids
+    if batch < 1:
+        raise InputError(f"batch must be a positive number of rows, got {batch}")
+    depths = [(0.5 + 0.618 * row) % 1.0 for row in range(batch)]          # row 0 at the middle
+    ids = torch.cat([make_needle(tokenizer, prompt_length, depth=d, seed=prompt_length + row).input_ids
+                     for row, d in enumerate(depths)])                       # (batch, prompt_length)
     speeds: dict[str, list[float]] = {"full": [], "in_place": [], "trimmed": []}
     last: dict[str, DecodeRun] = {}
     for rep in tqdm(range(warmup + repeats), desc="bench decode", disable=not progress):
@@ -157,15 +165,15 @@ def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: 
         decode_step_flops(model.config, last["trimmed"].mean_slots)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return DecodeRow(config.method, config.budget, f, t, t / f, last["full"].kv_bytes, last["trimmed"].kv_bytes,
-                     peak, p, t / p, flop_ratio)
+                     peak, p, t / p, flop_ratio, batch)
 
 
 def format_decode_table(rows: list[DecodeRow]) -> str:
-    head = (f"{'method':>14} {'budget':>7} {'full tok/s':>11} {'in-place tok/s':>15} {'trimmed tok/s':>14} "
+    head = (f"{'method':>14} {'budget':>7} {'batch':>6} {'full tok/s':>11} {'in-place tok/s':>15} {'trimmed tok/s':>14} "
             f"{'speedup':>8} {'vs in-place':>12} {'flop ratio':>11} {'KV full MB':>11} {'KV trimmed MB':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.method:>14} {str(r.budget):>7} {r.full_tokens_per_s:>11.2f} {r.full_in_place_tokens_per_s:>15.2f} "
+        lines.append(f"{r.method:>14} {str(r.budget):>7} {r.batch:>6} {r.full_tokens_per_s:>11.2f} {r.full_in_place_tokens_per_s:>15.2f} "
                      f"{r.trimmed_tokens_per_s:>14.2f} {r.speedup:>7.2f}x {r.speedup_vs_in_place:>11.2f}x "
                      f"{r.flop_ratio:>10.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
     return "\n".join(lines)

@@ -157,7 +157,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     config = trim_config_from_args(args)
     model, tokenizer = _load(args)
     row = bench_decode(model, tokenizer, args.prompt_length, args.new_tokens, config,
-                       repeats=args.repeats, warmup=args.warmup)
+                       repeats=args.repeats, warmup=args.warmup, batch=args.batch)
     print(format_decode_table([row]))
     if args.json:
         write_json([row], args.json)
@@ -513,7 +513,9 @@ def cmd_train_task(args: argparse.Namespace) -> int:
     opts = TaskTrainOptions(
         task=args.task, prune=not args.no_prune, model=args.model, init=args.init,
         layers=_int_list(args.layers, "--layers") if args.layers else None, rank=args.rank, target=args.target,
-        aux_weight=args.aux_weight, temperature=temperature, epochs=args.epochs, limit=args.limit, batch=args.batch,
+        target_ramp=args.target_ramp, aux_weight=args.aux_weight, distill=args.distill,
+        distill_temperature=args.distill_temperature, teacher=args.teacher, min_length=args.min_length,
+        counts=args.counts, temperature=temperature, epochs=args.epochs, limit=args.limit, batch=args.batch,
         lr=args.lr, pruner_lr=args.pruner_lr, threshold_lr=args.threshold_lr, max_length=args.max_length,
         seed=args.seed, data=args.data,
     )
@@ -537,7 +539,23 @@ def add_train_task_parser(sub) -> None:
     t.add_argument("--rank", type=int, default=32, help="width of the task-specific attention (default: %(default)s)")
     t.add_argument("--target", type=float, default=0.5,
                    help="kept share of token-layer computations the auxiliary loss pulls toward (default: %(default)s)")
+    t.add_argument("--target-ramp", type=float, default=0.0,
+                   help="share of the steps over which the target falls linearly from 1.0 to --target "
+                        "(0: --target from the start; default: %(default)s)")
     t.add_argument("--aux-weight", type=float, default=5.0, help="weight of the kept-share loss (default: %(default)s)")
+    t.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of knowledge distillation from the unpruned teacher's logits (KL on soft "
+                        "labels); cross-entropy gets 1 - this (default: %(default)s)")
+    t.add_argument("--distill-temperature", type=float, default=1.0,
+                   help="softmax temperature of the distillation loss (default: %(default)s)")
+    t.add_argument("--teacher", default=None, help="distillation teacher folder (default: --init)")
+    t.add_argument("--min-length", type=int, default=None,
+                   help="train only on rows of at least N tokens (SST-2's training file is mostly short phrases; "
+                        "its dev split is full sentences)")
+    t.add_argument("--counts", choices=["row", "batch"], default="batch",
+                   help="written to the checkpoint: at inference, row = each row keeps the tokens above the "
+                        "threshold; batch = the batch keeps as many in total, spread evenly over its rows, so the "
+                        "padded width follows the kept share (default: %(default)s)")
     t.add_argument("--temperature", default="1.0,0.1", help="soft-mask temperature, first,last step (default: %(default)s)")
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the training examples (default: %(default)s)")
     t.add_argument("--limit", type=int, default=None, help="train on N examples (a seeded subset)")
@@ -557,7 +575,9 @@ def cmd_eval_glue(args: argparse.Namespace) -> int:
     from .evaluation.glue import format_table, run_glue
 
     inputs = [x.strip() for x in args.bench_inputs.split(",") if x.strip()] if args.bench_inputs else None
+    counts = [x.strip() for x in args.tsdtp_counts.split(",") if x.strip()] if args.tsdtp_counts else None
     data = run_glue(args.task, args.checkpoint, baseline=args.baseline, data=args.data, bench_inputs=inputs,
+                    tsdtp_counts=counts,
                     bench_count=args.bench_batches, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                     memory=not args.no_memory, progress=not args.no_progress)
     table = format_table(data)
@@ -580,6 +600,10 @@ def add_eval_glue_parser(tasks) -> None:
     e.add_argument("--bench-inputs", default=None,
                    help="dev inputs to time, comma-separated (default: the task's own); e.g. sst2,qnli adds "
                         "columns at QNLI length")
+    e.add_argument("--tsdtp-counts", default=None,
+                   help="TS-DTP rows, comma-separated: row (per-row threshold) and/or batch (the threshold's budget "
+                        "spread over the batch); the first is the 'tsdtp' row whose kept share the generic row "
+                        "matches, others add 'tsdtp-<mode>' rows (default: the checkpoint's own)")
     e.add_argument("--bench-batches", type=int, default=8, help="batches of 32 timed, spread over lengths")
     e.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     e.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -629,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trim_options(b)
     b.add_argument("--prompt-length", type=int, default=4096, help="prompt tokens before decoding")
     b.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per run")
+    b.add_argument("--batch", type=int, default=1, help="rows decoded together (needle prompts at different depths)")
     b.add_argument("--repeats", type=int, default=2, help="timed runs of each (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed short runs of each first")
     b.add_argument("--json", help="write the results here")

@@ -9,7 +9,18 @@ masks and an auxiliary loss on the kept share; at inference the encoder adapter 
 (`trim(model, method="tsdtp", pruner=DIR)`).
 
 A checkpoint is ``tsdtp.safetensors`` (the modules, mixes and thresholds) beside ``tsdtp.json`` (the model
-signature, the layers, the rank and how it was trained), usually in the folder of the fine-tuned model.
+signature, the layers, the rank, how the threshold becomes keep counts and how it was trained), usually in
+the folder of the fine-tuned model.
+
+How the threshold becomes keep counts at inference (``counts``):
+
+* ``"row"``: each row keeps its protected tokens and every token at or above the threshold (the seed's
+  per-row rule; a row's result does not depend on its batch). A padded batch is then as wide as the row
+  that keeps the most, so on a batch the compute follows the widest row, not the kept share.
+* ``"batch"``: the threshold sets the batch's budget (the tokens it passes, summed over the rows); the
+  budget is spread over the rows in proportion to their droppable live tokens, and each row keeps its
+  best-scored ones. The batch is then about as wide as the kept share says, so the time follows the share;
+  a row's kept set depends on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -30,6 +41,14 @@ from .scoring.task_attention import combine, relative_log_scores, task_attention
 FORMAT = "trimformer-tsdtp"
 FORMAT_VERSION = 1
 WEIGHTS, META = "tsdtp.safetensors", "tsdtp.json"
+COUNTS = ("row", "batch")        # how the threshold becomes keep counts at inference (module docstring)
+
+
+def check_counts(counts: str) -> str:
+    if counts not in COUNTS:
+        raise ConfigError(f"TS-DTP counts must be one of {COUNTS} (row: per-row threshold; batch: the "
+                          f"threshold's budget spread over the batch), got {counts!r}")
+    return counts
 
 
 @dataclass
@@ -39,6 +58,7 @@ class TSDTPConfig:
     rank: int                            # width R of the task-specific attention
     task: str | None = None              # informative: the task it was trained on
     training: dict[str, Any] = field(default_factory=dict)   # informative: how it was trained
+    counts: str = "row"                  # "row" or "batch": how the threshold becomes keep counts (see above)
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -51,7 +71,12 @@ class TSDTPConfig:
             raise ConfigError(f"{where} is not a TS-DTP checkpoint config (format {data.get('format')!r} version "
                               f"{data.get('version')!r}; expected {FORMAT!r} version {FORMAT_VERSION})")
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            check_counts(config.counts)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return config
 
 
 class TaskSpecificAttention(nn.Module):
@@ -74,6 +99,7 @@ class TSDTPPruner(nn.Module):
         super().__init__()
         if not config.layers or sorted(set(config.layers)) != list(config.layers):
             raise ConfigError(f"TS-DTP layers must be a non-empty increasing list, got {config.layers!r}")
+        check_counts(config.counts)
         self.config = config
         hidden = int(config.signature["hidden_size"])
         self.attention = nn.ModuleDict({str(layer): TaskSpecificAttention(hidden, config.rank)
@@ -145,18 +171,59 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 
 class TSDTPScorer:
     """The encoder adapter's scorer for "tsdtp": relative log scores, and `keep_counts` (the dynamic
-    threshold), which the adapter uses in place of the schedule's ratio."""
+    threshold), which the adapter uses in place of the schedule's ratio. `counts` ("row" or "batch", from
+    the checkpoint; `set_counts` changes it on a trimmed model) says how the threshold becomes counts."""
 
-    def __init__(self, pruner: TSDTPPruner):
+    def __init__(self, pruner: TSDTPPruner, counts: str | None = None):
         self.pruner = pruner
+        self.counts = check_counts(counts if counts is not None else pruner.config.counts)
+        # the thresholds as Python floats, read once (not a tensor -> float sync per layer and batch)
+        self._thresholds = {layer: float(t) for layer, t in zip(pruner.layers, pruner.threshold.detach().tolist())}
 
     def __call__(self, inputs) -> torch.Tensor:          # inputs: methods.ScoreInputs
         with torch.no_grad():
             return self.pruner.relative_scores(inputs.layer, inputs.hidden, inputs.attention, inputs.valid.float())
 
     def keep_counts(self, layer: int, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-        """(B,) tokens kept: the protected ones and those at or above the layer's threshold."""
-        return threshold_counts(scores, valid, protected, float(self.pruner.stage_threshold(layer)))
+        """(B,) tokens kept: per row, the protected ones and those at or above the layer's threshold
+        (`counts="row"`), or that batch total spread over the rows (`counts="batch"`, `batch_counts`)."""
+        counts = threshold_counts(scores, valid, protected, self._thresholds[layer])
+        if self.counts == "batch":
+            counts = batch_counts(counts, valid, protected)
+        return counts
+
+
+def batch_counts(counts: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """(B,) per-row keep counts with the same batch total as `counts`, spread over the rows in proportion
+    to their droppable (live, unprotected) tokens: row b keeps its protected tokens plus share x droppable_b,
+    share = the batch's kept droppable tokens / its droppable tokens, rounded by largest remainder (ties to
+    the earlier row) so the total is exact. In a batch of similar lengths every row then keeps about the
+    same number, so the padded width follows the kept share."""
+    n_protected = (protected & valid).sum(-1)
+    droppable = valid.sum(-1) - n_protected                                   # (B,)
+    total = int(droppable.sum())
+    if total == 0:
+        return counts
+    budget = int((counts - n_protected).clamp(min=0).minimum(droppable).sum())
+    exact = droppable.double() * budget / total
+    spread = exact.floor().long()
+    left = budget - int(spread.sum())
+    if left > 0:
+        order = torch.sort(-(exact - spread.double()), stable=True).indices[:left]
+        spread[order] += 1
+    return n_protected + spread.minimum(droppable)
+
+
+def set_counts(model, counts: str) -> None:
+    """Switch a model trimmed with method "tsdtp" to `counts` ("row" or "batch") until `untrim`."""
+    from .api import PATCH_ATTR
+
+    check_counts(counts)
+    patch = getattr(model, PATCH_ATTR, None)
+    scorer = getattr(patch, "score", None)
+    if not isinstance(scorer, TSDTPScorer):
+        raise ConfigError("set_counts needs a model trimmed with method='tsdtp'")
+    scorer.counts = counts
 
 
 def setup_tsdtp(config, model, plan: dict[int, float]) -> TSDTPScorer:

@@ -50,12 +50,16 @@ def load_classifier(path: str | Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def tsdtp_options(checkpoint: str | Path) -> dict[str, Any]:
-    """trim() options of a TS-DTP checkpoint folder: its pruner and its layers."""
-    from ..tsdtp import TSDTPPruner
+def tsdtp_options(checkpoint: str | Path, counts: str | None = None) -> dict[str, Any]:
+    """trim() options of a TS-DTP checkpoint folder: its pruner and its layers; with `counts` ("row" or
+    "batch") also the key "tsdtp_counts", which `run_batches` applies after `trim` (`tsdtp.set_counts`)."""
+    from ..tsdtp import TSDTPPruner, check_counts
 
     pruner = TSDTPPruner.load(checkpoint)
-    return {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers}
+    options = {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers}
+    if counts is not None:
+        options["tsdtp_counts"] = check_counts(counts)
+    return options
 
 
 def run_batches(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], trim_options: dict | None,
@@ -65,9 +69,14 @@ def run_batches(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     from tqdm.auto import tqdm
 
     from ..api import stats, trim, untrim
+    from ..tsdtp import set_counts
 
     if trim_options is not None:
-        trim(model, dict(trim_options))
+        options = dict(trim_options)
+        counts = options.pop("tsdtp_counts", None)
+        trim(model, options)
+        if counts is not None:
+            set_counts(model, counts)
     preds, done, total, seconds = [], 0.0, 0.0, 0.0
     try:
         with torch.inference_mode():
@@ -204,13 +213,16 @@ def peak_memory(variant: Variant, batch: dict[str, torch.Tensor], threads: int) 
 # ---- the table ---------------------------------------------------------------------------------------
 def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = None, data: str | None = None,
              bench_inputs: list[str] | None = None, bench_count: int = 8, repeats: int = 3, warmup: int = 1,
-             threads: int = 1, memory: bool = True, progress: bool = True) -> dict[str, Any]:
+             threads: int = 1, memory: bool = True, progress: bool = True,
+             tsdtp_counts: list[str] | None = None) -> dict[str, Any]:
     """The table of `task`: rows for the fine-tuned model, generic pruning at TS-DTP's kept share, TS-DTP.
 
     `checkpoint` is a TS-DTP folder (or a plain fine-tuned one: then only its unpruned row); `baseline` the
     unpruned fine-tuned folder (default: the `init` the TS-DTP run started from). `bench_inputs` lists the
     dev inputs timed (default: the task's own); the first gives `throughput`, others
-    `throughput_<task>` and `kept_fraction_<task>` columns."""
+    `throughput_<task>` and `kept_fraction_<task>` columns. `tsdtp_counts` lists how TS-DTP turns its
+    threshold into keep counts ("row", "batch"; default: the checkpoint's own): the first is the "tsdtp"
+    row, whose kept share the generic row matches, each other one a "tsdtp-<mode>" row."""
     from ..tsdtp import checkpoint_paths
 
     torch.set_num_threads(threads)
@@ -229,15 +241,23 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
     variants = [Variant("finetuned", base_model, None, str(baseline))]
     if has_tsdtp:
         ts_model, _ = load_classifier(checkpoint)
-        variants.append(Variant("tsdtp", ts_model, tsdtp_options(checkpoint), str(checkpoint)))
+        for i, counts in enumerate(tsdtp_counts or [None]):
+            name = "tsdtp" if i == 0 else f"tsdtp-{counts}"
+            if any(v.method == name for v in variants):
+                raise InputError(f"TS-DTP counts mode {counts!r} given twice")
+            variants.append(Variant(name, ts_model, tsdtp_options(checkpoint, counts), str(checkpoint)))
 
     batches, labels = dev_batches(tokenizer, task, data)
     rows: dict[str, dict[str, Any]] = {}
     for v in variants:
         preds, kept, _ = run_batches(v.model, batches, v.trim, progress, desc=f"{task} {v.method}")
         rows[v.method] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept}
+        if v.trim is not None:
+            from ..tsdtp import TSDTPPruner
+
+            rows[v.method]["counts"] = v.trim.get("tsdtp_counts") or TSDTPPruner.load(checkpoint).config.counts
     if has_tsdtp:
-        layers = variants[-1].trim["layers"]
+        layers = variants[1].trim["layers"]
         lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]
         keep = matched_keep(lengths, layers, base_model.config.num_hidden_layers, rows["tsdtp"]["kept_fraction"])
         generic = Variant(GENERIC, load_classifier(baseline)[0], {"method": GENERIC, "layers": layers, "keep": keep},
@@ -283,7 +303,8 @@ def format_table(data: dict[str, Any]) -> str:
     head += ["peak memory MB", "above load MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["task"], r["method"] + (f" (keep {r['keep']:.3f}/layer)" if "keep" in r else ""),
+        cells = [r["task"], r["method"] + (f" (keep {r['keep']:.3f}/layer)" if "keep" in r else "")
+                 + (f" (counts: {r['counts']})" if "counts" in r else ""),
                  f"{100 * r['accuracy']:.2f}", f"{100 * r['kept_fraction']:.1f}%", f"{r['throughput']:.1f}",
                  f"{r['speedup']:.2f}x"]
         for k in extra:

@@ -35,7 +35,7 @@ from ..merging import cls_attention
 from ..models.encoder import Family, find_family
 from ..scoring.learned import model_signature
 from ..scoring.task_attention import key_bias, kept_share, soft_keep
-from ..tsdtp import TSDTPConfig, TSDTPPruner
+from ..tsdtp import TSDTPConfig, TSDTPPruner, check_counts
 
 
 @dataclass
@@ -47,7 +47,13 @@ class TaskTrainOptions:
     layers: list[int] | None = None      # TS-DTP layers; None: default_layers(num_layers)
     rank: int = 32                       # width of the task-specific attention
     target: float = 0.5                  # kept share of token-layer computations the aux loss pulls toward
+    target_ramp: float = 0.0             # share of the steps over which the target falls from 1.0 to `target`
     aux_weight: float = 5.0
+    distill: float = 0.0                 # weight of the KD loss (0: cross-entropy only; 1: KD only)
+    distill_temperature: float = 1.0     # softmax temperature T of the KD loss
+    teacher: str | None = None           # KD teacher folder (default: `init`)
+    min_length: int | None = None        # train only on rows of at least this many tokens
+    counts: str = "batch"                # written to the checkpoint: how inference turns the threshold into counts
     temperature: tuple[float, float] = (1.0, 0.1)   # soft-mask temperature, first and last step
     epochs: float = 1.0
     limit: int | None = None             # train on the first N examples of a seeded shuffle (a subset)
@@ -72,6 +78,20 @@ class TaskTrainOptions:
             raise ConfigError(f"temperatures must be > 0, got {self.temperature}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not 0.0 <= self.target_ramp <= 1.0:
+            raise ConfigError(f"target_ramp must be a share of the steps in [0, 1], got {self.target_ramp}")
+        if self.aux_weight < 0:
+            raise ConfigError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill must be a weight in [0, 1], got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill > 0 and self.teacher is None and self.init is None:
+            raise ConfigError("distill > 0 needs a teacher: pass teacher=DIR (--teacher) or init=DIR (--init), "
+                              "the unpruned fine-tuned model")
+        if self.min_length is not None and self.min_length < 1:
+            raise ConfigError(f"min_length must be >= 1, got {self.min_length}")
+        check_counts(self.counts)
 
 
 @dataclass
@@ -156,6 +176,23 @@ def soft_forward(model, pruner: TSDTPPruner, batch: dict[str, torch.Tensor], tem
     return logits, share_hard + share - share.detach()
 
 
+# ---- losses and schedules ----------------------------------------------------------------------------
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 x KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (logits (B, C))."""
+    t = temperature
+    target = F.log_softmax(teacher.detach().float() / t, -1)
+    return F.kl_div(F.log_softmax(student.float() / t, -1), target, reduction="batchmean", log_target=True) * t * t
+
+
+def share_target(step: int, total: int, target: float, ramp: float) -> float:
+    """The kept share the aux loss pulls toward at `step` of `total`: 1.0 at step 0, falling linearly to
+    `target` at step ramp x total (rounded up), `target` from then on (and throughout with ramp 0)."""
+    span = math.ceil(ramp * total)
+    if span <= 0 or step >= span:
+        return target
+    return 1.0 + (target - 1.0) * step / span
+
+
 # ---- training ----------------------------------------------------------------------------------------
 def load_backbone(opts: TaskTrainOptions):
     """(Bert*ForSequenceClassification, tokenizer): from `init` if given, else the backbone + a new head."""
@@ -190,16 +227,27 @@ def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, l
         if any(not 0 <= layer < num_layers - 1 for layer in layers):
             raise ConfigError(f"TS-DTP layers must be in 0..{num_layers - 2}, got {layers}")
         pruner = TSDTPPruner(TSDTPConfig(model_signature(model.config), sorted(set(layers)), opts.rank,
-                                         task=opts.task, training=_record(opts)))
+                                         task=opts.task, training=_record(opts), counts=opts.counts))
     if opts.freeze_embeddings:
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    teacher = None
+    if opts.distill > 0:
+        from transformers import BertForSequenceClassification
+
+        teacher = BertForSequenceClassification.from_pretrained(opts.teacher or opts.init, num_labels=2,
+                                                                attn_implementation="sdpa").eval()
+        teacher.requires_grad_(False)
 
     examples = load_examples(opts.task, "train", opts.data)
     g = torch.Generator().manual_seed(opts.seed)
-    if opts.limit is not None and opts.limit < len(examples):
-        pick = torch.randperm(len(examples), generator=g)[: opts.limit].tolist()
-        examples = [examples[i] for i in sorted(pick)]
     items = tokenize(tokenizer, examples, opts.max_length)
+    if opts.min_length is not None:
+        items = [x for x in items if len(x["input_ids"]) >= opts.min_length]
+        if not items:
+            raise ConfigError(f"no training row has {opts.min_length} tokens or more (min_length)")
+    if opts.limit is not None and opts.limit < len(items):
+        pick = torch.randperm(len(items), generator=g)[: opts.limit].tolist()
+        items = [items[i] for i in sorted(pick)]
     per_epoch = math.ceil(len(items) / opts.batch)
     total = max(1, round(per_epoch * opts.epochs))
     batches: list[list[dict]] = []
@@ -223,6 +271,7 @@ def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, l
     for step, chunk in enumerate(bar):
         batch = collate(chunk, tokenizer.pad_token_id or 0)
         labels = batch.pop("labels")
+        target = share_target(step, total, opts.target, opts.target_ramp)
         if pruner is not None:
             t0, t1 = opts.temperature
             temperature = t0 + (t1 - t0) * step / max(1, total - 1)
@@ -230,14 +279,24 @@ def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, l
         else:
             logits, share = model(**batch).logits, torch.tensor(1.0)
         ce = F.cross_entropy(logits, labels)
-        loss = ce + (opts.aux_weight * (share - opts.target) ** 2 if pruner is not None else 0.0)
+        loss = ce
+        kd = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(**batch).logits
+            kd = distill_loss(logits, teacher_logits, opts.distill_temperature)
+            loss = (1 - opts.distill) * ce + opts.distill * kd
+        if pruner is not None:
+            loss = loss + opts.aux_weight * (share - target) ** 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
         optimizer.step()
         schedule.step()
-        stats = {"loss": loss.item(), "ce": ce.item(), "share": share.item(),
+        stats = {"loss": loss.item(), "ce": ce.item(), "share": share.item(), "target": target,
                  "acc": (logits.argmax(-1) == labels).float().mean().item()}
+        if kd is not None:
+            stats["kd"] = kd.item()
         running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()} if running else stats
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
         if step % log_every == 0 or step == total - 1:

@@ -163,6 +163,17 @@ def test_padded_rows_match_rows_alone_and_keep_cls(options):
         assert float((alone[1][0] - batch[1][row]).abs().max()) < 1e-4
 
 
+def duplicate_tokens():
+    """A BERT without position embeddings and a padded batch of paired equal tokens: (model, ids, mask,
+    its unpatched outputs). Equal tokens then have equal states in every layer."""
+    model = bert()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+    ids = torch.tensor([[1, 5, 5, 7, 7, 9, 9, 11, 11, 2], [1, 5, 5, 8, 8, 2, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    return model, ids, mask, outputs(model, input_ids=ids, attention_mask=mask)
+
+
 @pytest.mark.parametrize("metric", ["keys", "hidden"])
 def test_merging_duplicate_tokens_is_exact_and_pools_to_the_full_embedding(metric):
     # Without position embeddings, equal tokens have equal states in every layer; merging each pair at layer 0
@@ -171,12 +182,7 @@ def test_merging_duplicate_tokens_is_exact_and_pools_to_the_full_embedding(metri
     # merged tokens lose half their weight, and the outputs change.
     from trimformer.evaluation.embedding_fidelity import mean_pool
 
-    model = bert()
-    with torch.no_grad():
-        model.embeddings.position_embeddings.weight.zero_()
-    ids = torch.tensor([[1, 5, 5, 7, 7, 9, 9, 11, 11, 2], [1, 5, 5, 8, 8, 2, 0, 0, 0, 0]])
-    mask = (ids > 0).long()
-    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    model, ids, mask, ref = duplicate_tokens()
     trim(model, method="tome", r=[4, 0, 0, 0], merge_metric=metric)
     out = outputs(model, input_ids=ids, attention_mask=mask)
     assert stats(model)["merged_per_layer"][0] == 4 + 2
@@ -315,12 +321,7 @@ def test_merge_unmerge_row_that_merges_nothing_is_exact(attn, variant):
 def test_merge_unmerge_of_duplicate_tokens_is_exact(variant):
     # as in the merge mode: without position embeddings equal tokens have equal states in every layer, so
     # merging each pair for a block's computation and unmerging its output changes nothing
-    model = bert()
-    with torch.no_grad():
-        model.embeddings.position_embeddings.weight.zero_()
-    ids = torch.tensor([[1, 5, 5, 7, 7, 9, 9, 11, 11, 2], [1, 5, 5, 8, 8, 2, 0, 0, 0, 0]])
-    mask = (ids > 0).long()
-    ref = outputs(model, input_ids=ids, attention_mask=mask)
+    model, ids, mask, ref = duplicate_tokens()
     trim(model, method="tome", tome_mode="merge_unmerge", r=4, **variant)
     out = outputs(model, input_ids=ids, attention_mask=mask)
     s = stats(model)

@@ -324,3 +324,19 @@ def test_methods_registry():
     assert trimformer.METHODS["lazy"].revive_default is True
     assert all(not trimformer.METHODS[m].revive_default for m in ("random", "static", "truncate"))
     assert math.isclose(0.5, TrimConfig(keep=0.5).keep)
+
+
+def test_hooks_remove_restores_the_module_exactly():
+    from trimformer.models.hooks import Hooks
+
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    ref = layer(x)
+    hooks = Hooks()
+    hooks.add(layer.register_forward_hook(lambda module, args, output: output * 2))
+    hooks.override_forward(layer, lambda inputs: torch.zeros(2, 3))
+    assert torch.equal(layer(x), torch.zeros(2, 3))
+    hooks.remove()
+    hooks.remove()                                       # a second remove is harmless
+    assert "forward" not in layer.__dict__ and not layer._forward_hooks
+    assert torch.equal(layer(x), ref)

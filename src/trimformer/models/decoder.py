@@ -26,6 +26,7 @@ from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
 from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .hooks import Hooks
 from .kv_buffer import use_in_place
 from .runtime import RuntimeEviction, new_runtime_state
 
@@ -135,19 +136,19 @@ class DecoderPatch:
         self.num_layers = len(self.base.layers)
         self.live: _Live | None = None
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
-        self._handles: list = []
+        self._hooks = Hooks()
         self._original_attn: str | None = None
         self._kernel = original_kernel(model.config._attn_implementation)   # "sdpa" or "eager"
 
     # ---- install / remove --------------------------------------------------------------------
     def install(self) -> None:
         try:
-            self._handles.append(self.base.register_forward_pre_hook(self._on_start, with_kwargs=True))
-            self._handles.append(self.base.register_forward_hook(self._on_end, with_kwargs=True))
+            self._hooks.add(self.base.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            self._hooks.add(self.base.register_forward_hook(self._on_end, with_kwargs=True))
             for index, layer in enumerate(self.base.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
+                self._hooks.add(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
                 if index in self.plan or self.runtime is not None:
-                    self._handles.append(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
+                    self._hooks.add(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
             self._original_attn = self.model.config._attn_implementation
             self.model.config._attn_implementation = wrapped_name(self._original_attn)
         except Exception:
@@ -155,9 +156,7 @@ class DecoderPatch:
             raise
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         if self._original_attn is not None:
             self.model.config._attn_implementation = self._original_attn
             self._original_attn = None

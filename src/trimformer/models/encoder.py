@@ -51,6 +51,7 @@ from ..merging import (
 from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import span_max_pool
+from .hooks import Hooks
 
 ENCODER_ARCHITECTURES = ("BertModel (and Bert*For* heads)", "ViTModel / ViTForImageClassification",
                          "DeiTModel / DeiTForImageClassification(WithTeacher)", "CLIPVisionModel(WithProjection)")
@@ -236,8 +237,7 @@ class EncoderPatch:
         self.state: EncoderState | None = None
         self.live: _Live | None = None
         self.rs: list[int] = list(self._rs) if self.merging and self._rs is not None else []
-        self._handles: list = []
-        self._overridden: list = []
+        self._hooks = Hooks()
         self._captured: dict[str, torch.Tensor] = {}
         self._capture_layer: int | None = None
         self._want = self._capture_needs()
@@ -275,27 +275,20 @@ class EncoderPatch:
     def install(self) -> None:
         try:
             base = self.family.base
-            self._handles.append(base.register_forward_pre_hook(self._on_start, with_kwargs=True))
-            self._handles.append(base.register_forward_hook(self._on_end, with_kwargs=True))
+            self._hooks.add(base.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            self._hooks.add(base.register_forward_hook(self._on_end, with_kwargs=True))
             for index, layer in enumerate(self.family.layers):
                 _, q, k, v, _, _ = self.family.attention(layer)
                 for name, module in (("q", q), ("k", k), ("v", v)):
                     if name in self._want.get(index, ()):
-                        self._handles.append(module.register_forward_hook(self._capture(index, name)))
-                layer.forward = self._layer_forward(index, layer)
-                self._overridden.append(layer)
+                        self._hooks.add(module.register_forward_hook(self._capture(index, name)))
+                self._hooks.override_forward(layer, self._layer_forward(index, layer))
         except Exception:
             self.remove()
             raise
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for layer in self._overridden:
-            if "forward" in layer.__dict__:
-                del layer.forward
-        self._overridden.clear()
+        self._hooks.remove()
         self.live = None
         self._captured.clear()
 

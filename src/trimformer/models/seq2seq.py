@@ -29,6 +29,7 @@ from ..errors import InputError, TrimformerError, UnsupportedModelError
 from ..methods import Method, ScoreInputs
 from ..policy import ratio_counts, select
 from ..scoring.received import mean_attention_received
+from .hooks import Hooks
 
 SEQ2SEQ_ARCHITECTURES = ("MarianMTModel / MarianModel (encoder)",)
 SEQ2SEQ_METHODS = ("cls_attention", "random")
@@ -79,34 +80,26 @@ class Seq2SeqEncoderPatch:
         self.source_mask: torch.Tensor | None = None    # (B, T') mask of the last reduced encoder output
         self._last: _State | None = None
         self._captured: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in self.plan}
-        self._handles: list = []
-        self._overridden: list = []
+        self._hooks = Hooks()
 
     # ---- install / remove ------------------------------------------------------------------------
     def install(self) -> None:
         try:
-            self._handles.append(self.encoder.register_forward_pre_hook(self._on_start, with_kwargs=True))
-            self._handles.append(self.encoder.register_forward_hook(self._on_end))
-            self._handles.append(self.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
+            self._hooks.add(self.encoder.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            self._hooks.add(self.encoder.register_forward_hook(self._on_end))
+            self._hooks.add(self.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
             for index, layer in enumerate(self.encoder.layers):
                 if index in self.plan and self.method.needs_attention:
                     for name in ("q", "k"):
                         module = getattr(layer.self_attn, f"{name}_proj")
-                        self._handles.append(module.register_forward_hook(self._capture(index, name)))
-                layer.forward = self._layer_forward(index, layer)
-                self._overridden.append(layer)
+                        self._hooks.add(module.register_forward_hook(self._capture(index, name)))
+                self._hooks.override_forward(layer, self._layer_forward(index, layer))
         except Exception:
             self.remove()
             raise
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for layer in self._overridden:
-            if "forward" in layer.__dict__:
-                del layer.forward
-        self._overridden.clear()
+        self._hooks.remove()
         self.state = None
         self.source_mask = None
 

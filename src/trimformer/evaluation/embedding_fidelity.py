@@ -104,19 +104,20 @@ def embedding_throughput(model, tokenizer, sentences: list[str], config: dict, b
     batches = [tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=128,
                          return_tensors="pt") for i in range(0, len(sentences), batch)]
 
+    def forward(enc) -> None:
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc.get("token_type_ids"))
+
     def run_all() -> float:
         start = time.perf_counter()
         for enc in batches:
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                  token_type_ids=enc.get("token_type_ids"))
+            forward(enc)
         return time.perf_counter() - start
 
     kept, ratios, tokens = [], [], 0
     trim(model, dict(config))
     try:
         for enc in batches:                                   # warm-up of the trimmed model, and its stats
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                  token_type_ids=enc.get("token_type_ids"))
+            forward(enc)
             s = stats(model)
             kept.append((s["kept_fraction"], s["flops_full"]))
             ratios.append((s["flops_full"], s["flops_trimmed"]))

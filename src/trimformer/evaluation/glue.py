@@ -51,15 +51,14 @@ def load_classifier(path: str | Path):
 
 
 def tsdtp_options(checkpoint: str | Path, counts: str | None = None) -> dict[str, Any]:
-    """trim() options of a TS-DTP checkpoint folder: its pruner and its layers; with `counts` ("row" or
-    "batch") also the key "tsdtp_counts", which `run_batches` applies after `trim` (`tsdtp.set_counts`)."""
+    """trim() options of a TS-DTP checkpoint folder: its pruner, its layers and "tsdtp_counts" (`counts`,
+    "row" or "batch", default: the checkpoint's own), which `run_batches` applies after `trim`
+    (`tsdtp.set_counts`)."""
     from ..tsdtp import TSDTPPruner, check_counts
 
     pruner = TSDTPPruner.load(checkpoint)
-    options = {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers}
-    if counts is not None:
-        options["tsdtp_counts"] = check_counts(counts)
-    return options
+    return {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers,
+            "tsdtp_counts": check_counts(counts if counts is not None else pruner.config.counts)}
 
 
 def run_batches(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], trim_options: dict | None,
@@ -253,9 +252,7 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
         preds, kept, _ = run_batches(v.model, batches, v.trim, progress, desc=f"{task} {v.method}")
         rows[v.method] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept}
         if v.trim is not None:
-            from ..tsdtp import TSDTPPruner
-
-            rows[v.method]["counts"] = v.trim.get("tsdtp_counts") or TSDTPPruner.load(checkpoint).config.counts
+            rows[v.method]["counts"] = v.trim["tsdtp_counts"]
     if has_tsdtp:
         layers = variants[1].trim["layers"]
         lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]

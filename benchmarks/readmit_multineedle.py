@@ -47,6 +47,9 @@ def make_prompt(tokenizer, length: int, seed: int) -> tuple[torch.Tensor, list[s
                for c, n in zip(cities, numbers)]
     budget = length - len(head) - len(tail) - sum(map(len, needles))
     hay = _haystack_ids(tokenizer, None)[seed * 997: seed * 997 + budget]
+    if len(hay) < budget:
+        raise SystemExit(f"prompt {seed}: the essays hold too few tokens for --length {length}; "
+                         "use a shorter --length or fewer --prompts")
     cuts = [_sentence_end_before(tokenizer, hay, int(d * budget))
             for d in sorted(rng.uniform(0.05, 0.95) for _ in cities)]
     ids, previous = list(head), 0

@@ -49,6 +49,52 @@ def test_threshold_zero_batch_equals_unpatched(llama):
     assert torch.equal(out, ref)
 
 
+def _step_logits(model, ids, steps, mask=None):
+    """Prefill + `steps` greedy steps; returns the last-position logits of every step (B, steps + 1, V)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+                        use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_scoring_every_step_keeps_the_model_output(attn):
+    # a decode probe computes the layer's attention output itself (one softmax for output and scores):
+    # with nothing evicted, every step's logits are the unpatched model's, padded batch included
+    model = make_model("llama", attn=attn)
+    ids, mask = left_pad([make_prompt(70, seed=12)[0], make_prompt(45, seed=13)[0]])
+    ref = _step_logits(model, ids, 12, mask)
+    trimformer.trim(model, method="runtime", pruning_threshold=0.0, score_every=1, readmit_every=1)
+    out = _step_logits(model, ids, 12, mask)
+    assert trimformer.stats(model)["total_tokens_pruned"] == 0
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_single_query_softmax_matches_sdpa():
+    from trimformer.scoring import single_query_softmax
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 1, 8, generator=generator)                  # 6 heads over 2 KV heads
+    key, value = torch.randn(2, 2, 2, 11, 8, generator=generator)
+    allowed = torch.rand(2, 11, generator=generator) > 0.3
+    allowed[:, -1] = True
+    probs, lse = single_query_softmax(query, key, 0.35, allowed)          # (2, 2, 3, 11), (2, 2, 3, 1)
+    output = torch.matmul(probs, value).reshape(2, 6, 1, 8)
+    expand = lambda x: x.repeat_interleave(3, dim=1)                       # (2, 6, 11, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query, expand(key), expand(value), attn_mask=allowed[:, None, None], scale=0.35)
+    assert torch.allclose(output, ref, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 3))
+    assert bool((probs.reshape(2, 6, 11)[~allowed[:, None].expand(2, 6, 11)] == 0).all())
+
+
 def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):
     ids = make_prompt(100, seed=4)
     reference = _untrimmed_keys(llama, ids)

@@ -3,7 +3,9 @@
 A model's attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. Trimming
 switches the config to ``"trimformer_<original>"``: a wrapper that runs the original kernel (SDPA,
 eager, ...) unchanged and, when the layer was handed a `Probe` through its keyword arguments, also
-scores tokens from the query and key tensors the layer already computed.
+scores tokens from the query and key tensors the layer already computed. A probe that can also compute
+the attention output (`Probe.attend`, a single decoding query) replaces the kernel for that call, so
+scoring costs no second pass over the keys.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class Probe:
     query_index: torch.Tensor             # (B, W) which query rows of each batch row to score with
     scores: torch.Tensor | None = None    # (B, K) filled by the wrapper
     extra: dict | None = None             # anything else a scorer keeps (e.g. the query, for readmission)
+    # (query, key, value, scaling) -> (output (B, 1, H, hd), scores (B, K)): the layer's attention output
+    # and the scores from one softmax, for a single query; used instead of the kernel where that is exact
+    attend: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def capture(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         # query: (B, H, Q, hd), key: (B, Hkv, K, hd), both post-RoPE, key includes the cache
@@ -34,9 +39,27 @@ class Probe:
         self.scores = self.scorer(query.gather(2, index), key, module.scaling)
 
 
+def _plain_softmax(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) -> bool:
+    """True when the layer's attention is a plain softmax over its keys for one query: no dropout, sliding
+    window, logit soft-capping or attention sinks (the cases `Probe.attend` may replace the kernel in)."""
+    dropout = kwargs.get("dropout", 0.0)
+    return (
+        query.shape[2] == 1
+        and not (module.training and dropout)
+        and kwargs.get("sliding_window") is None
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+        and getattr(module, "sliding_window", None) is None
+    )
+
+
 def _wrap(original: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         probe: Probe | None = kwargs.pop(PROBE_KWARG, None)
+        if probe is not None and probe.attend is not None and _plain_softmax(module, query, kwargs):
+            with torch.no_grad():
+                output, probe.scores = probe.attend(query, key, value, module.scaling)
+            return output, None
         if probe is not None:
             with torch.no_grad():
                 probe.capture(module, query, key)

@@ -16,7 +16,7 @@ import torch
 from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
 from ..config import TrimConfig
 from ..policy import compaction_moves, eviction_mask
-from ..scoring import accumulate, last_query_attention, shadow_attention
+from ..scoring import accumulate, last_query_attention, shadow_attention, single_query_softmax
 from ..scoring.attention import attention_logits
 from .attention_hook import Probe
 from .kv_buffer import InPlaceLayer
@@ -61,7 +61,8 @@ class RuntimeEviction:
         return Probe(scorer, index)
 
     def decode_probe(self, live, keys: LayerSlots) -> Probe:
-        """Newest query's attention (mean over heads) over the cache, keeping its query and log-sum-exp."""
+        """Newest query's attention (mean over heads) over the cache, keeping its query and log-sum-exp.
+        For a single query it also computes the layer's attention output from the same softmax."""
         index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
         q_pos = live.positions.gather(1, index)
         probe = Probe(None, index)
@@ -72,7 +73,16 @@ class RuntimeEviction:
             probe.extra = {"query": query.detach(), "lse": lse, "scaling": scaling}
             return torch.exp(logits - lse[:, :, None]).nan_to_num(0.0).mean(dim=1)                     # (B, K)
 
-        probe.scorer = scorer
+        def attend(query, key, value, scaling):
+            # query (B, H, 1, hd); key, value (B, Hkv, K, hd) -> output (B, 1, H, hd), scores (B, K)
+            allowed = keys.valid & (keys.positions <= q_pos)                                    # (B, K)
+            probs, lse = single_query_softmax(query, key, scaling, allowed)                     # (B, Hkv, G, K)
+            b, h, _, hd = query.shape
+            output = torch.matmul(probs.to(value.dtype), value).reshape(b, h, 1, hd).transpose(1, 2)
+            probe.extra = {"query": query.detach(), "lse": lse.reshape(b, h), "scaling": scaling}
+            return output, probs.nan_to_num(0.0).mean(dim=(1, 2))
+
+        probe.scorer, probe.attend = scorer, attend
         return probe
 
     # ---- after a layer -----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Scorers: pure functions giving each live token an importance (tensors in, tensors out)."""
 
-from .attention import attention_probs, last_query_attention, newest_query_attention
+from .attention import attention_probs, last_query_attention, newest_query_attention, single_query_softmax
 from .heavy_hitter import accumulate, shadow_attention
 from .position import head_tail_scores, recency_scores
 from .random import random_scores
@@ -15,5 +15,6 @@ __all__ = [
     "newest_query_attention",
     "random_scores",
     "recency_scores",
+    "single_query_softmax",
     "span_max_pool",
 ]

@@ -24,6 +24,23 @@ def attention_logits(
     return logits.reshape(b, h, w, -1)
 
 
+def single_query_softmax(
+    query: torch.Tensor,    # (B, H, 1, hd) one post-RoPE query per row
+    key: torch.Tensor,      # (B, Hkv, K, hd) post-RoPE keys (cache included)
+    scaling: float,
+    allowed: torch.Tensor,  # (B, K) bool: keys the query may look at
+) -> tuple[torch.Tensor, torch.Tensor]:  # probs (B, Hkv, G, K) float, lse (B, Hkv, G, 1)
+    """Softmax attention of one query per row over its keys, grouped by KV head (GQA: head i uses KV head
+    i // G), with the log-sum-exp of the logits. One matmul on the keys as they are; no copy of them."""
+    b, h, _, hd = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, hd)                                         # (B, Hkv, G, hd)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float() * scaling               # (B, Hkv, G, K)
+    logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return torch.exp(logits - lse), lse
+
+
 def attention_probs(query, key, scaling, q_pos, k_pos, k_valid) -> torch.Tensor:
     """(B, H, W, K) softmax of `attention_logits` over allowed keys; rows with none allowed are 0."""
     return torch.softmax(attention_logits(query, key, scaling, q_pos, k_pos, k_valid), dim=-1).nan_to_num(0.0)

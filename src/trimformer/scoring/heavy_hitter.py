@@ -22,6 +22,6 @@ def shadow_attention(
     """Attention a shadow token would get if it were back in the cache (against the live cache's mass)."""
     b, h, _, hd = query.shape
     hkv = keys.shape[1]
-    q = query.reshape(b, hkv, h // hkv, hd).float()
-    logits = torch.einsum("bhgd,bhnd->bhgn", q, keys.float()).reshape(b, h, -1) * scaling   # (B, H, N)
+    q = query.reshape(b, hkv, h // hkv, hd).float()                                      # (B, Hkv, G, hd)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).reshape(b, h, -1) * scaling  # (B, H, N)
     return torch.exp(logits - cache_lse[:, :, None]).amax(dim=1)

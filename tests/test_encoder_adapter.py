@@ -144,6 +144,7 @@ def test_vision_merging_and_untrim(name):
                                      dict(method="cls_attention", keep=0.5, layers=[0, 1]),
                                      dict(method="tome", reduction_ratio=0.3),
                                      dict(method="tome", reduction_ratio=0.3, adaptive=True),
+                                     dict(method="tome", adaptive=True, adaptive_mode="similarity", merge_threshold=0.2),
                                      dict(method="cls_attention", keep=0.7, layers=[0, 2], adaptive=True,
                                           adaptive_mode="mass")])
 def test_padded_rows_match_rows_alone_and_keep_cls(options):
@@ -190,6 +191,30 @@ def test_merging_duplicate_tokens_is_exact_and_pools_to_the_full_embedding(metri
     assert torch.allclose(mean_pool(out[0], mask), mean_pool(ref[0], mask), atol=1e-5)
     trim(model, method="tome", r=[4, 0, 0, 0], merge_metric=metric, prop_attn=False)
     assert max_diff(outputs(model, input_ids=ids, attention_mask=mask), ref, mask) > 1e-3
+
+
+def test_similarity_mode_merges_exactly_the_pairs_alike_enough():
+    # adaptive_mode "similarity": every matched pair at least merge_threshold alike merges, so the count
+    # depends on the input: here the 4 + 2 equal pairs at layer 0 and nothing after; the outputs stay exact
+    model, ids, mask, ref = duplicate_tokens()
+    trim(model, method="tome", adaptive=True, adaptive_mode="similarity", merge_threshold=0.9999)
+    out = outputs(model, input_ids=ids, attention_mask=mask)
+    s = stats(model)
+    assert s["merged_per_layer"] == [6, 0, 0, 0]
+    assert s["final_tokens"] == [6, 4]                              # 10 - 4 and 6 - 2 real tokens per row
+    assert max_diff(out, ref, mask) < 1e-4
+    trim(model, method="tome", r=1, adaptive=True, adaptive_mode="similarity", merge_threshold=0.9999)
+    outputs(model, input_ids=ids, attention_mask=mask)
+    assert stats(model)["merged_per_layer"][0] == 2                 # r caps it: 1 per row
+    model, (plain, plain_mask) = bert(), text_batch()              # with position embeddings: no two alike
+    reference = outputs(model, input_ids=plain, attention_mask=plain_mask)
+    trim(model, method="tome", adaptive=True, adaptive_mode="similarity", merge_threshold=0.99)
+    assert max_diff(outputs(model, input_ids=plain, attention_mask=plain_mask), reference, plain_mask) < 1e-4
+    assert stats(model)["kept_fraction"] == 1.0
+    with pytest.raises(ConfigError, match="merge_threshold"):
+        trim(model, method="tome", adaptive=True, adaptive_mode="similarity", merge_threshold=1.5)
+    with pytest.raises(ConfigError, match="similarity"):
+        trim(model, method="cls_attention", keep=0.5, adaptive=True, adaptive_mode="similarity")
 
 
 def test_text_merges_by_hidden_states_unless_told_otherwise():

@@ -243,3 +243,15 @@ def test_unmerge_schedule_counts_the_work_of_each_block():
     with pytest.raises(ConfigError, match="keep"):
         unmerge_schedule(12, 6, 0.0)
 
+
+
+def test_threshold_merges_only_pairs_alike_enough():
+    # A slots 0, 2, 4, 6; B slots 1, 3, 5, 7. Slot 2 equals slot 3 (cosine 1), slot 4 is close to slot 5
+    # (cosine 0.8), slot 6 is orthogonal to every B slot; slot 0 is [CLS]
+    e = torch.eye(4)
+    metric = torch.stack([e[0], e[1], e[2], e[2], 0.8 * e[3] + 0.6 * e[1], e[3], -e[0], e[1]])[None]
+    for threshold, expected in ((0.9, [False, True, False, False]), (0.7, [False, True, True, False]),
+                                (None, [False, True, True, True])):
+        m = bipartite_soft_matching(metric, 3, threshold=threshold)
+        assert m.merged[0].tolist() == expected, threshold
+    assert bipartite_soft_matching(metric, 1, threshold=0.7).merged[0].tolist() == [False, True, False, False]

@@ -63,7 +63,9 @@ class TrimConfig:
     merge_metric: str = "auto"              # tome similarity: "keys" (head-mean, ToMe), "hidden" (the merged
                                             # states), "auto": hidden on text encoders, keys on images
     trace_source: bool = False              # record which input tokens each slot holds, per layer
-    adaptive_mode: str = "sampling"         # encoders, adaptive=True: "sampling" (ATS) or "mass" (threshold)
+    adaptive_mode: str = "sampling"         # encoders, adaptive=True: "sampling" (ATS), "mass" (threshold) or,
+                                            # for tome, "similarity" (merge every pair at least merge_threshold alike)
+    merge_threshold: float = 0.65           # adaptive_mode "similarity": cosine a matched pair needs to merge
     tome_mode: str = "merge"                # tome on BERT-family encoders: "merge" (merged tokens stay merged) or
                                             # "merge_unmerge" (ToMe for Stable Diffusion: merge per block for the
                                             # computation only, unmerge its output, the residual keeps every token)
@@ -181,8 +183,12 @@ class TrimConfig:
         for name in ("prop_attn", "trace_source"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.adaptive_mode not in ("sampling", "mass"):
-            raise ConfigError(f"adaptive_mode must be 'sampling' or 'mass', got {self.adaptive_mode!r}")
+        if self.adaptive_mode not in ("sampling", "mass", "similarity"):
+            raise ConfigError(
+                f"adaptive_mode must be 'sampling', 'mass' or 'similarity', got {self.adaptive_mode!r}")
+        if isinstance(self.merge_threshold, bool) or not isinstance(self.merge_threshold, (int, float)) or not (
+                -1.0 <= self.merge_threshold <= 1.0):
+            raise ConfigError(f"merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold!r}")
         if self.merge_metric not in ("auto", "keys", "hidden"):
             raise ConfigError(f"merge_metric must be 'auto', 'keys' or 'hidden', got {self.merge_metric!r}")
         if self.tome_mode not in TOME_MODES:

@@ -119,10 +119,12 @@ def bipartite_soft_matching(
     protected: int = 1,                   # leading slots never merged: 1 = [CLS], 2 = [CLS] + distillation
     valid: torch.Tensor | None = None,    # (B, T) bool; None = all valid
     protect: torch.Tensor | None = None,  # (B, T) bool: more slots never merged nor merged into (e.g. [SEP])
+    threshold: float | None = None,       # merge only pairs whose cosine is >= threshold (input-adaptive r)
 ) -> Merge:
     """ToMe's matching: A = even slots, B = odd slots; each A slot's best B partner by cosine; the
-    `r` A slots with the best matches merge. A row merges at most half its valid unprotected tokens.
-    Protected slots (0, and 1 when protected=2) are neither merged nor merge targets."""
+    `r` A slots with the best matches merge (with `threshold`, only those of them at least that similar).
+    A row merges at most half its valid unprotected tokens. Protected slots (0, and 1 when protected=2)
+    are neither merged nor merge targets."""
     if protected not in (0, 1, 2):
         raise ConfigError(f"protected must be 0, 1 or 2 leading tokens, got {protected!r}")
     b, t, _ = metric.shape
@@ -149,6 +151,8 @@ def bipartite_soft_matching(
         if protect is not None:
             candidate &= ~protect[:, ::2]
         candidate &= torch.isfinite(node_max)
+        if threshold is not None:
+            candidate &= node_max >= threshold
         n_valid = valid.sum(-1)
         n_protected = protected + (protect & valid).sum(-1) if protect is not None else protected
         rows = torch.as_tensor(r, device=device).expand(b).long()

@@ -58,7 +58,7 @@ ENCODER_ARCHITECTURES = ("BertModel (and Bert*For* heads)", "ViTModel / ViTForIm
 ATTENTION_KERNELS = ("sdpa", "eager")
 ENCODER_METHODS = ("tome", "cls_attention", "random", "tsdtp")
 DECODER_ONLY_METHODS = ("lazy", "sdtp", "static", "truncate", "runtime")   # last-query / recency / KV methods
-ADAPTIVE_MODES = ("sampling", "mass")
+ADAPTIVE_MODES = ("sampling", "mass", "similarity")
 # merge_unmerge: share of an attention block's token work one merged token saves (q, k, v, o projections:
 # "queries" merges q and o, "keys_values" k and v), see `merging.unmerge_schedule`
 UNMERGE_ATTENTION_COST = {"qkv": 1.0, "queries": 0.5, "keys_values": 0.5, "none": 0.0}
@@ -223,6 +223,13 @@ class EncoderPatch:
             )
         if config.adaptive_mode not in ADAPTIVE_MODES:
             raise ConfigError(f"adaptive_mode must be one of {ADAPTIVE_MODES}, got {config.adaptive_mode!r}")
+        # adaptive_mode "similarity" (tome): merge every matched pair at least merge_threshold alike; r or
+        # keep / reduction_ratio, when given, cap the merges per layer
+        self.similarity = config.adaptive and config.adaptive_mode == "similarity"
+        if self.similarity and not self.merging:
+            raise ConfigError(f"adaptive_mode 'similarity' merges similar tokens: it is for method 'tome', not "
+                              f"{method.name!r}; use adaptive_mode 'sampling' or 'mass'")
+        self._uncapped = self.similarity and config.r is None and config.keep is None
         if self.merging:
             self.plan = {}
             self.score = None
@@ -251,7 +258,7 @@ class EncoderPatch:
             elif self.merging:
                 if self.metric == "keys":
                     want.add("k")
-                if cfg.adaptive:
+                if cfg.adaptive and not self.similarity:
                     want |= {"q", "k", "v"}
             elif layer in self.plan:
                 if self.method.needs_attention or cfg.adaptive:
@@ -502,8 +509,8 @@ class EncoderPatch:
         b, t, _ = h.shape
         if not cfg.adaptive and (int(r.max()) if isinstance(r, torch.Tensor) else r) <= 0:
             return h, 0
-        rows: int | torch.Tensor = r
-        if cfg.adaptive:
+        rows: int | torch.Tensor = t if self._uncapped else r    # (merges are capped at half a row anyway)
+        if cfg.adaptive and not self.similarity:
             protected = self._protected()
             n_valid = live.valid.sum(-1)
             n_protected = protected.sum(-1)
@@ -516,7 +523,8 @@ class EncoderPatch:
             _, _, _, _, heads, _ = self.family.attention(self.family.layers[layer])
             metric = self._captured["k"].view(b, t, heads, -1).mean(2)   # (B, T, head_dim)
         m = bipartite_soft_matching(metric, rows, self.family.protected, live.valid if live.irregular or cfg.adaptive
-                                    else None, protect=self._sep_slots(t))
+                                    else None, protect=self._sep_slots(t),
+                                    threshold=cfg.merge_threshold if self.similarity else None)
         n = live.valid.sum(-1)
         self.state.merge_flops += float((2 * metric.shape[-1] * ((n + 1) // 2) * (n // 2)).sum())
         before = int(live.valid.sum())

@@ -244,7 +244,6 @@ def test_unmerge_schedule_counts_the_work_of_each_block():
         unmerge_schedule(12, 6, 0.0)
 
 
-
 def test_threshold_merges_only_pairs_alike_enough():
     # A slots 0, 2, 4, 6; B slots 1, 3, 5, 7. Slot 2 equals slot 3 (cosine 1), slot 4 is close to slot 5
     # (cosine 0.8), slot 6 is orthogonal to every B slot; slot 0 is [CLS]

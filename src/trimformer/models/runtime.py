@@ -17,7 +17,6 @@ from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
 from ..config import TrimConfig
 from ..policy import compaction_moves, eviction_mask
 from ..scoring import accumulate, last_query_attention, shadow_attention, single_query_softmax
-from ..scoring.attention import attention_logits
 from .attention_hook import Probe
 from .kv_buffer import InPlaceLayer
 
@@ -67,19 +66,21 @@ class RuntimeEviction:
         q_pos = live.positions.gather(1, index)
         probe = Probe(None, index)
 
+        def softmax(query, key, scaling):
+            # query (B, H, 1, hd), key (B, Hkv, K, hd) -> probs (B, Hkv, G, K); keeps query and lse (B, H)
+            allowed = keys.valid & (keys.positions <= q_pos)                                    # (B, K)
+            probs, lse = single_query_softmax(query, key, scaling, allowed)
+            probe.extra = {"query": query.detach(), "lse": lse.reshape(lse.shape[0], -1), "scaling": scaling}
+            return probs
+
         def scorer(query, key, scaling):
-            logits = attention_logits(query, key, scaling, q_pos, keys.positions, keys.valid)[:, :, 0]  # (B, H, K)
-            lse = torch.logsumexp(logits, dim=-1)                                                      # (B, H)
-            probe.extra = {"query": query.detach(), "lse": lse, "scaling": scaling}
-            return torch.exp(logits - lse[:, :, None]).nan_to_num(0.0).mean(dim=1)                     # (B, K)
+            return softmax(query, key, scaling).nan_to_num(0.0).mean(dim=(1, 2))               # (B, K)
 
         def attend(query, key, value, scaling):
-            # query (B, H, 1, hd); key, value (B, Hkv, K, hd) -> output (B, 1, H, hd), scores (B, K)
-            allowed = keys.valid & (keys.positions <= q_pos)                                    # (B, K)
-            probs, lse = single_query_softmax(query, key, scaling, allowed)                     # (B, Hkv, G, K)
+            # value (B, Hkv, K, hd) -> output (B, 1, H, hd), scores (B, K)
+            probs = softmax(query, key, scaling)
             b, h, _, hd = query.shape
             output = torch.matmul(probs.to(value.dtype), value).reshape(b, h, 1, hd).transpose(1, 2)
-            probe.extra = {"query": query.detach(), "lse": lse.reshape(b, h), "scaling": scaling}
             return output, probs.nan_to_num(0.0).mean(dim=(1, 2))
 
         probe.scorer, probe.attend = scorer, attend

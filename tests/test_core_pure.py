@@ -13,11 +13,13 @@ from trimformer.config import TrimConfig, default_layers
 from trimformer.flops import attention_flops, layer_linear_flops_per_token, prefill_flops
 from trimformer.policy import mass_counts, ratio_counts, select
 from trimformer.scoring import (
+    accumulate,
     head_tail_scores,
     last_query_attention,
     newest_query_attention,
     random_scores,
     recency_scores,
+    shadow_attention,
     span_max_pool,
 )
 from conftest import TINY, make_model, make_prompt, row_positions, trim_state
@@ -217,6 +219,25 @@ def test_newest_query_attention(qk):
     got = newest_query_attention(newest, key, scaling, pos, k_pos, k_valid)
     expected = _reference_probs(newest, key, scaling, pos, k_pos, k_valid).amax(dim=(1, 2))
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_accumulate_decays_old_slots_and_starts_new_ones_from_zero():
+    previous = torch.tensor([[1.0, 2.0], [4.0, 0.0]])
+    attention = torch.tensor([[0.5, 0.5, 0.25], [0.0, 1.0, 0.5]])
+    assert accumulate(previous, attention, 0.5).tolist() == [[1.0, 1.5, 0.25], [2.0, 1.0, 0.5]]
+    assert attention.tolist() == [[0.5, 0.5, 0.25], [0.0, 1.0, 0.5]]        # inputs untouched
+
+
+def test_shadow_attention_is_the_attention_a_key_would_get_against_the_cache(qk):
+    query, key, scaling, *_ = qk                                          # (B, H, W, hd), (B, Hkv, K, hd)
+    newest = query[:, :, -1:]
+    cache, shadow = key[:, :, :5], key[:, :, 5:]
+    logits = torch.einsum("bhd,bhkd->bhk", newest[:, :, 0], repeat_kv(cache, query.shape[1] // key.shape[1])) * scaling
+    lse = torch.logsumexp(logits, dim=-1)                                # (B, H) over the live cache
+    got = shadow_attention(newest, shadow, scaling, lse)                  # (B, N)
+    s_logits = torch.einsum("bhd,bhkd->bhk", newest[:, :, 0], repeat_kv(shadow, query.shape[1] // key.shape[1])) * scaling
+    expected = torch.exp(s_logits - lse[:, :, None]).amax(dim=1)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_lazy_scores_match_eager_attention_of_the_model(monkeypatch):

@@ -13,7 +13,7 @@ import trimformer
 from trimformer.cache import ShadowLayer
 from trimformer.flops import decode_step_flops, layer_linear_flops_per_token
 from trimformer.models.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
-from trimformer.policy import compaction_moves
+from trimformer.policy import compaction_moves, eviction_mask
 
 
 def _greedy(model, ids, steps, in_place):
@@ -96,6 +96,34 @@ def test_runtime_trimmed_model_uses_in_place_layers_and_keeps_its_greedy_output(
     out = llama.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
     assert all(type(layer) is InPlaceLayer for layer in out.past_key_values.layers)
+
+
+# ---- eviction_mask -------------------------------------------------------------------------------
+
+def test_eviction_mask_takes_the_lowest_and_breaks_ties_by_slot_order():
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.1, 0.9, 0.1, 0.3],
+                           [0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]])
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 6] = False                                                    # filler: never counted or evicted
+    protected = torch.zeros(2, 7, dtype=torch.bool)
+    protected[0, 1] = True                                                 # a sink: never evicted
+    # row 0 keeps 4 of 7: the three lowest unprotected are 0.1 (slot 3), 0.1 (slot 5), 0.2 (slot 2)
+    # row 1 keeps 3 of 6 equal scores: the first three in slot order go
+    evict = eviction_mask(scores, valid, protected, torch.tensor([4, 3]), 0.0)
+    assert evict.nonzero().tolist() == [[0, 2], [0, 3], [0, 5], [1, 0], [1, 1], [1, 2]]
+
+
+def test_eviction_mask_threshold_counts_toward_the_budget_and_over_asking_evicts_all_candidates():
+    scores = torch.tensor([[0.01, 0.30, 0.02, 0.40, 0.27]])                # 5 live: uniform is 0.2
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    protected = torch.tensor([[False, False, False, False, True]])
+    # under 0.5 x uniform (0.1): slots 0 and 2; a budget of 2 also takes the next lowest (slot 1)
+    evict = eviction_mask(scores, valid, protected, torch.tensor([2]), 0.5)
+    assert evict.tolist() == [[True, True, True, False, False]]
+    # no budget: the threshold alone
+    assert eviction_mask(scores, valid, protected, torch.tensor([99]), 0.5).tolist() == [[True, False, True, False, False]]
+    # a budget under the protected count: every unprotected slot goes, the protected one stays
+    assert eviction_mask(scores, valid, protected, torch.tensor([0]), 0.0).tolist() == [[True, True, True, True, False]]
 
 
 # ---- compaction_moves ----------------------------------------------------------------------------

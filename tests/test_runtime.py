@@ -93,6 +93,9 @@ def test_single_query_softmax_matches_sdpa():
     assert torch.allclose(output, ref, atol=1e-6)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 3))
     assert bool((probs.reshape(2, 6, 11)[~allowed[:, None].expand(2, 6, 11)] == 0).all())
+    logits = torch.einsum("bhd,bhkd->bhk", query[:, :, 0], expand(key)) * 0.35
+    ref_lse = torch.logsumexp(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)   # (2, 6)
+    assert torch.allclose(lse.reshape(2, 6), ref_lse, atol=1e-5)
 
 
 def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):

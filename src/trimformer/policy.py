@@ -65,10 +65,17 @@ def eviction_mask(
     candidate = valid & ~protected
     below = candidate & (scores * n_live < threshold)
     over = (n_live[:, 0] - below.sum(-1) - target).clamp(min=0)          # (B,) still to evict for budget
+    k = int(over.max()) if over.numel() else 0
+    if k == 0:
+        return below
+    # the over[b] lowest of the rest, found without sorting the cache: the over[b]-th lowest score is the
+    # row's cut; slots under it go, and of the slots equal to it the first ones in slot order
     ranked = scores.float().masked_fill(~candidate | below, float("inf"))
-    order = ranked.sort(dim=-1, stable=True).indices                      # lowest first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    budget_cut = candidate & ~below & (rank < over[:, None])
+    cut = ranked.topk(min(k, ranked.shape[1]), dim=-1, largest=False).values                # (B, k) ascending
+    cut = cut.gather(1, (over - 1).clamp(min=0, max=cut.shape[1] - 1)[:, None])              # (B, 1)
+    under, tie = ranked < cut, ranked == cut
+    room = over[:, None] - under.sum(-1, keepdim=True)                                     # ties to take
+    budget_cut = candidate & ~below & (under | (tie & (tie.cumsum(-1) <= room)))
     return below | budget_cut
 
 

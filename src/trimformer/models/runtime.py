@@ -132,20 +132,21 @@ class RuntimeEviction:
 
     def _evict(self, layer: int, cache, state: TrimState, newest: torch.Tensor) -> None:
         rt, cfg = state.runtime, self.config
+        if cfg.budget is None and cfg.pruning_threshold == 0:
+            return
         slots, scores = state.slots[layer], self._scores(layer, state)
         protected = slots.valid & (
             (slots.positions < cfg.sinks) | (slots.positions > newest - cfg.recent)
         )
         target = self._target(state, scores.device)
-        if cfg.budget is None and cfg.pruning_threshold == 0:
-            return
         evict = eviction_mask(scores, slots.valid, protected, target, cfg.pruning_threshold)
-        if not bool(evict.any()):
+        counts = evict.sum(-1).tolist()                                         # per row, one sync
+        if max(counts) == 0:
             return
         layer_cache = cache.layers[layer]
         keep = slots.valid & ~evict
         # evicted keys and values move to the shadow set, untouched
-        moved = _first_where(evict, int(evict.sum(-1).max()))
+        moved = _first_where(evict, max(counts))
         self._to_shadow(layer, state, ShadowLayer(
             keys=_gather_slots(layer_cache.keys, moved),
             values=_gather_slots(layer_cache.values, moved),
@@ -153,7 +154,7 @@ class RuntimeEviction:
             valid=evict.gather(1, moved),
             scores=scores.gather(1, moved),
         ))
-        rt.evicted[layer] += int(evict.sum())
+        rt.evicted[layer] += sum(counts)
         # the cache keeps the rest: kept slots from the end fill the holes, then the tensors are cut to
         # `width` (views; the next update's concatenation copies them anyway). Rows keeping fewer slots
         # are left with masked filler.
@@ -208,18 +209,19 @@ class RuntimeEviction:
     def _readmit(self, layer: int, cache, state: TrimState, extra: dict) -> None:
         rt, cfg = state.runtime, self.config
         shadow = rt.shadow[layer]
-        if shadow is None or not bool(shadow.valid.any()):
+        # tokens in the shadow set, from the counters (no look at the tensors): evicted, not back, not dropped
+        if shadow is None or rt.evicted[layer] == rt.readmitted[layer] + rt.dropped[layer]:
             return
         slots = state.slots[layer]
         layer_cache = cache.layers[layer]
         device, dtype = layer_cache.keys.device, layer_cache.keys.dtype
         keys = shadow.keys.to(device=device)
         attention = shadow_attention(extra["query"], keys, extra["scaling"], extra["lse"])   # (B, N)
-        n_live = slots.valid.sum(-1, keepdim=True).clamp(min=1)
+        n_live = slots.valid.sum(-1, keepdim=True)                  # (B, 1) >= 1: the newest token is live
         wanted = shadow.valid.to(device) & (attention * n_live >= cfg.readmit_threshold)
-        width = min(cfg.readmit_max, int(wanted.sum(-1).max()))
-        if width == 0:
+        if not bool(wanted.any()):                                  # most checks: one look, nothing comes back
             return
+        width = min(cfg.readmit_max, int(wanted.sum(-1).max()))
         top = attention.masked_fill(~wanted, -1.0).topk(width, dim=-1).indices             # (B, R)
         chosen = wanted.gather(1, top)
         back_keys = _gather_slots(keys, top).to(dtype)                                  # (B, Hkv, R, hd)

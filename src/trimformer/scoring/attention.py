@@ -31,14 +31,19 @@ def single_query_softmax(
     allowed: torch.Tensor,  # (B, K) bool: keys the query may look at
 ) -> tuple[torch.Tensor, torch.Tensor]:  # probs (B, Hkv, G, K) float, lse (B, Hkv, G, 1)
     """Softmax attention of one query per row over its keys, grouped by KV head (GQA: head i uses KV head
-    i // G), with the log-sum-exp of the logits. One matmul on the keys as they are; no copy of them."""
+    i // G), with the log-sum-exp of the logits. One matmul on the keys as they are; no copy of them.
+    (Scaling is folded into the query and the mask is skipped when every key is allowed: a decoding step
+    calls this per layer, so each pass over the (B, Hkv, G, K) logits counts.)"""
     b, h, _, hd = query.shape
     hkv = key.shape[1]
-    q = query.reshape(b, hkv, h // hkv, hd)                                         # (B, Hkv, G, hd)
-    logits = torch.matmul(q, key.transpose(-1, -2)).float() * scaling               # (B, Hkv, G, K)
-    logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return torch.exp(logits - lse), lse
+    q = query.reshape(b, hkv, h // hkv, hd) * scaling                               # (B, Hkv, G, hd)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float()                         # (B, Hkv, G, K)
+    if not bool(allowed.all()):
+        logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # lse = max logit - log(max prob): the largest prob is exp(max - lse) >= 1 / K, so this is exact to rounding
+    lse = logits.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()
+    return probs, lse
 
 
 def attention_probs(query, key, scaling, q_pos, k_pos, k_valid) -> torch.Tensor:

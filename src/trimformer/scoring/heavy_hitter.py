@@ -8,9 +8,9 @@ import torch
 def accumulate(previous: torch.Tensor, attention: torch.Tensor, decay: float) -> torch.Tensor:
     """previous (B, K_old), attention (B, K_new >= K_old) -> (B, K_new): decay x old + new, where slots
     added since the last call start from zero."""
-    grown = torch.zeros_like(attention)
-    grown[:, : previous.shape[1]] = previous
-    return decay * grown + attention
+    out = attention.clone()
+    out[:, : previous.shape[1]].add_(previous, alpha=decay)
+    return out
 
 
 def shadow_attention(
@@ -22,6 +22,7 @@ def shadow_attention(
     """Attention a shadow token would get if it were back in the cache (against the live cache's mass)."""
     b, h, _, hd = query.shape
     hkv = keys.shape[1]
-    q = query.reshape(b, hkv, h // hkv, hd).float()                                      # (B, Hkv, G, hd)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)).reshape(b, h, -1) * scaling  # (B, H, N)
-    return torch.exp(logits - cache_lse[:, :, None]).amax(dim=1)
+    q = query.reshape(b, hkv, h // hkv, hd).float() * scaling                            # (B, Hkv, G, hd)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).reshape(b, h, -1)          # (B, H, N)
+    # exp is increasing, so the max over heads is taken on the logits and exp runs on (B, N) only
+    return torch.exp((logits - cache_lse[:, :, None]).amax(dim=1))

@@ -30,6 +30,9 @@ VARIANTS = {
     "full": None,
     "no readmission": {"budget": 0.5, "readmit_every": 0},
     "readmit (defaults: every 4 steps, 10x)": {"budget": 0.5},
+    "readmit every 4 steps, 3x, max 32": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 3.0, "readmit_max": 32},
+    "readmit every 2 steps, 3x, max 32": {"budget": 0.5, "readmit_every": 2, "readmit_threshold": 3.0, "readmit_max": 32},
+    "readmit every step, 6x, max 32": {"budget": 0.5, "readmit_every": 1, "readmit_threshold": 6.0, "readmit_max": 32},
     "readmit every step, 3x, max 32": {"budget": 0.5, "readmit_every": 1, "readmit_threshold": 3.0, "readmit_max": 32},
 }
 NEEDLES = 4

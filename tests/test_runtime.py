@@ -121,7 +121,7 @@ def test_readmission_restores_exact_keys_at_their_positions(llama):
     reference = _untrimmed_keys(llama, ids)
     # evict at step 1, readmit everything worth any attention at step 2
     trimformer.trim(llama, method="runtime", budget=0.5, evict_every=1, readmit_every=2,
-                    readmit_threshold=0.0, readmit_max=5, recent=8)
+                    readmit_threshold=0.0, readmit_max=5, recent=8, readmit_layers=None)
     _, cache = _decode(llama, ids, 3)
     state = cache._trimformer_state
     assert trimformer.stats(llama)["total_tokens_reintroduced"] > 0
@@ -135,10 +135,72 @@ def test_readmission_restores_exact_keys_at_their_positions(llama):
         assert torch.equal(cache.layers[layer].values[0][:, back:], ref_values[0][:, pos])
 
 
+def test_readmit_layers_bring_tokens_back_in_every_layer(llama):
+    ids = make_prompt(100, seed=5)
+    reference = _untrimmed_keys(llama, ids)
+    # evict at step 2; at step 3 only layer 2 checks its shadow set, and what it readmits comes back in
+    # every layer whose shadow set holds the same positions, with the exact keys and values
+    trimformer.trim(llama, method="runtime", budget=0.5, evict_every=2, readmit_every=3, readmit_threshold=0.0,
+                    readmit_max=5, recent=8, readmit_layers=[2])
+    with torch.no_grad():
+        out = llama(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        for _ in range(2):
+            out = llama(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        state = cache._trimformer_state
+        shadow_before = [set(s.positions[0][s.valid[0]].tolist()) for s in state.runtime.shadow]
+        width_before = [s.positions.shape[1] for s in state.slots]
+        llama(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    newest = ids.shape[1] + 2                       # the token of step 3 (layers after 2 get it after the rest)
+    added = [state.slots[layer].positions[0, width_before[layer]:] for layer in range(6)]
+    asked = set(added[2].tolist()) - {newest}
+    assert len(asked) == 5 and asked <= shadow_before[2]
+    for layer in range(len(cache.layers)):
+        back = added[layer] != newest
+        assert int(back.sum()) == len(added[layer]) - 1
+        pos = added[layer][back]
+        assert set(pos.tolist()) == asked & shadow_before[layer], layer
+        assert state.runtime.readmitted[layer] == len(pos)
+        ref_keys, ref_values = reference[layer]
+        assert torch.equal(cache.layers[layer].keys[0][:, width_before[layer]:][:, back], ref_keys[0][:, pos])
+        assert torch.equal(cache.layers[layer].values[0][:, width_before[layer]:][:, back], ref_values[0][:, pos])
+        in_shadow = state.runtime.shadow[layer]
+        assert not (set(in_shadow.positions[0][in_shadow.valid[0]].tolist()) & asked)
+    assert sum(len(asked & shadow_before[layer]) for layer in range(6)) > 5   # some came back elsewhere too
+
+
+def test_readmit_layers_auto_is_three_depths():
+    from trimformer.models.runtime import readmit_layers
+
+    assert readmit_layers("auto", 30) == {5, 15, 25}
+    assert readmit_layers("auto", 6) == {1, 3, 5}
+    assert readmit_layers(None, 6) is None and readmit_layers((0, 2), 6) == {0, 2}
+    with pytest.raises(ConfigError, match="out of range"):
+        readmit_layers((2, 30), 30)
+
+
+def test_scores_accumulate_on_scoring_steps_only(llama):
+    # readmission checks on the steps between scoring steps must not add to the accumulated attention
+    ids = make_prompt(90, seed=11)
+
+    def scores(**options):
+        trimformer.trim(llama, method="runtime", score_every=3, readmit_threshold=1e9, **options)
+        try:
+            _, cache = _decode(llama, ids, 8)
+            return [s.clone() for s in cache._trimformer_state.runtime.scores]
+        finally:
+            trimformer.untrim(llama)
+
+    # (the steps with a probe compute attention themselves, not with SDPA: equal up to float rounding)
+    for a, b in zip(scores(readmit_every=1), scores(readmit_every=0)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", ["runtime", "lazy+runtime"])
 def test_every_token_is_in_cache_shadow_or_dropped(llama, method):
     ids, mask = left_pad([make_prompt(90, seed=6)[0], make_prompt(70, seed=7)[0]])
-    options = dict(keep=0.6, layers=(1, 3), sinks=2, protect_last=4, window=8, span=3) if "lazy" in method else {}
+    options = dict(keep=0.6, layers=(1, 3), sinks=2, protect_last=4, window=8, span=3) if "lazy" in method else \
+        dict(readmit_layers=(0, 4))
     trimformer.trim(llama, method=method, budget=0.5, evict_every=2, readmit_every=3, readmit_threshold=1.0,
                     shadow_size=10, recent=4, **options)
     _decode(llama, ids, 12, mask)
@@ -165,6 +227,7 @@ def test_batch_rows_equal_rows_alone(llama):
     {"budget": 1.5}, {"budget": 0}, {"budget": -3}, {"budget": True}, {"decay": 2.0},
     {"pruning_threshold": -1}, {"readmit_threshold": -0.5}, {"shadow_size": -1},
     {"shadow_dtype": "int8"}, {"evict_every": 0}, {"method": "runtime+runtime"},
+    {"readmit_layers": []}, {"readmit_layers": 3}, {"readmit_layers": [1, -1]}, {"readmit_layers": [6]},
 ])
 def test_bad_runtime_options_raise(llama, bad):
     options = {"method": "runtime", **bad}

@@ -50,9 +50,13 @@ class TrimConfig:
     recent: int = 32                        # newest tokens never evicted
     score_every: int = 4                    # decoding steps between attention accumulations
     evict_every: int = 8                    # decoding steps between evictions
-    readmit_every: int = 4                  # decoding steps between shadow-set checks (0 = never readmit)
-    readmit_threshold: float = 10.0         # readmit a shadow token whose attention is >= this x uniform
-    readmit_max: int = 8                    # at most this many readmissions per layer, row and check
+    readmit_every: int = 1                  # decoding steps between shadow-set checks (0 = never readmit)
+    readmit_threshold: float = 3.0          # readmit a shadow token whose attention is >= this x uniform
+    readmit_max: int = 32                   # at most this many readmissions per layer, row and check
+    readmit_layers: tuple[int, ...] | str | None = "auto"  # the layers that check their shadow sets; a token
+                                            # one of them readmits comes back in every layer whose shadow set
+                                            # holds it. "auto": 3 layers, at 1/6, 1/2 and 5/6 of the depth;
+                                            # None: every layer checks its own shadow set
     shadow_size: int | None = None          # evicted tokens kept per layer and row (None = all)
     shadow_device: str | None = None        # e.g. "cpu" to keep the shadow set off the accelerator
     shadow_dtype: str | None = None         # e.g. "bfloat16" to keep it in lower precision
@@ -88,10 +92,11 @@ class TrimConfig:
             options["keep"] = 1.0 - float(ratio)
         if isinstance(options.get("schedule"), dict):  # JSON gives string keys: accept "7" for 7
             options["schedule"] = {_int_key(k): v for k, v in options["schedule"].items()}
-        if options.get("layers") is not None:
-            if not isinstance(options["layers"], (list, tuple)):
-                raise ConfigError(f"layers must be a list of layer indices, got {options['layers']!r}")
-            options["layers"] = tuple(options["layers"])
+        for name in ("layers", "readmit_layers"):
+            if options.get(name) is not None and options[name] != "auto":
+                if not isinstance(options[name], (list, tuple)):
+                    raise ConfigError(f"{name} must be a list of layer indices, got {options[name]!r}")
+                options[name] = tuple(options[name])
         _check_names(options)
         return cls(**options)
 
@@ -161,6 +166,12 @@ class TrimConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.readmit_layers is not None and self.readmit_layers != "auto":
+            if not isinstance(self.readmit_layers, (list, tuple)) or not self.readmit_layers:
+                raise ConfigError(f"readmit_layers must be \"auto\", None (every layer) or a non-empty list of "
+                                  f"layer indices, got {self.readmit_layers!r}")
+            for layer in self.readmit_layers:
+                _layer(layer)
         if self.shadow_size is not None and (not isinstance(self.shadow_size, int) or self.shadow_size < 0):
             raise ConfigError(f"shadow_size must be None (unbounded) or an integer >= 0, got {self.shadow_size!r}")
         if self.shadow_dtype is not None and self.shadow_dtype not in SHADOW_DTYPES:

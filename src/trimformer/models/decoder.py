@@ -319,7 +319,8 @@ class DecoderPatch:
                 index, q_valid = last_valid_slots(live.valid, cfg.window)
                 return self.runtime.prefill_probe(live, keys, index, q_valid)
             step = self.state.steps
-            if step % cfg.score_every == 0 or (cfg.readmit_every and step % cfg.readmit_every == 0):
+            readmits = cfg.readmit_every and step % cfg.readmit_every == 0 and self.runtime.checks(layer)
+            if step % cfg.score_every == 0 or readmits:
                 return self.runtime.decode_probe(live, keys)
             return None
         if layer not in self.plan:

@@ -4,7 +4,8 @@ Per layer and decoding step: the newest query's attention over the layer's cache
 keys) is accumulated with decay per cache slot; every `evict_every` steps the lowest-scoring slots
 beyond the budget (and any under the threshold) move, keys and values as they were, to the shadow
 set; every `readmit_every` steps the newest query is scored against the shadow keys and tokens it
-attends to strongly return to the cache at their original positions.
+attends to strongly return to the cache at their original positions. With `readmit_layers`, only those
+layers check, and a token they bring back returns in every layer whose shadow set holds it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
 from ..config import TrimConfig
+from ..errors import ConfigError
 from ..policy import compaction_moves, eviction_mask
 from ..scoring import accumulate, last_query_attention, shadow_attention, single_query_softmax
 from .attention_hook import Probe
@@ -43,11 +45,29 @@ def _first_where(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
 
 
+def readmit_layers(option: tuple[int, ...] | str | None, num_layers: int) -> frozenset[int] | None:
+    """The layers that check their shadow sets (None: each layer checks its own). "auto": layers at 1/6,
+    1/2 and 5/6 of the depth (5, 15 and 25 of 30)."""
+    if option is None:
+        return None
+    if option == "auto":
+        return frozenset(num_layers * k // 6 for k in (1, 3, 5))
+    if max(option) >= num_layers:
+        raise ConfigError(f"readmit_layers {list(option)} out of range: the model has {num_layers} layers "
+                          f"(0..{num_layers - 1})")
+    return frozenset(option)
+
+
 class RuntimeEviction:
     def __init__(self, config: TrimConfig, num_layers: int):
         self.config = config
         self.num_layers = num_layers
         self.shadow_dtype = getattr(torch, config.shadow_dtype) if config.shadow_dtype else None
+        self.readmit_layers = readmit_layers(config.readmit_layers, num_layers)
+
+    def checks(self, layer: int) -> bool:
+        """Whether `layer` scores the newest query against its own shadow set on readmission steps."""
+        return self.readmit_layers is None or layer in self.readmit_layers
 
     # ---- probes ------------------------------------------------------------------------------
     def prefill_probe(self, live, keys: LayerSlots, index: torch.Tensor, q_valid: torch.Tensor) -> Probe:
@@ -96,17 +116,20 @@ class RuntimeEviction:
         slots = state.slots[layer]
         if slots is None:
             return
-        if probe is not None and probe.scores is not None:
+        if probe is not None and probe.scores is not None and state.steps % cfg.score_every == 0:
             previous = rt.scores[layer] if rt.scores[layer] is not None else probe.scores[:, :0]
             rt.scores[layer] = accumulate(previous, probe.scores, cfg.decay)
         # (between scoring steps the scores lag behind the slots; `_scores` pads them when needed)
         newest = live.positions[:, live.n_input - 1: live.n_input]                # (B, 1)
         if state.steps % cfg.evict_every == 0:
             self._evict(layer, cache, state, newest)
-        if cfg.readmit_every and state.steps % cfg.readmit_every == 0 and probe is not None:
+        if cfg.readmit_every and state.steps % cfg.readmit_every == 0 and probe is not None and self.checks(layer):
             extra = getattr(probe, "extra", None)
-            if extra is not None:
-                self._readmit(layer, cache, state, extra)
+            back = self._readmit(layer, cache, state, extra) if extra is not None else None
+            if back is not None and self.readmit_layers is not None:
+                for other in range(self.num_layers):
+                    if other != layer:
+                        self._readmit_positions(other, cache, state, *back)
 
     # ---- eviction ----------------------------------------------------------------------------
     def _target(self, state: TrimState, device) -> torch.Tensor:
@@ -205,38 +228,76 @@ class RuntimeEviction:
             scores=entry.scores.gather(1, index),
         )
 
-    # ---- readmission -------------------------------------------------------------------------
-    def _readmit(self, layer: int, cache, state: TrimState, extra: dict) -> None:
-        rt, cfg = state.runtime, self.config
-        shadow = rt.shadow[layer]
-        # tokens in the shadow set, from the counters (no look at the tensors): evicted, not back, not dropped
-        if shadow is None or rt.evicted[layer] == rt.readmitted[layer] + rt.dropped[layer]:
-            return
-        slots = state.slots[layer]
-        layer_cache = cache.layers[layer]
-        device, dtype = layer_cache.keys.device, layer_cache.keys.dtype
+    # ---- readmission ----------------------------------------------------------------------
+    @staticmethod
+    def _shadow_empty(layer: int, state: TrimState) -> bool:
+        """No token in the layer's shadow set, from the counters (no look at the tensors): every token
+        evicted came back or was dropped."""
+        rt = state.runtime
+        return rt.shadow[layer] is None or rt.evicted[layer] == rt.readmitted[layer] + rt.dropped[layer]
+
+    def _readmit(self, layer: int, cache, state: TrimState, extra: dict):
+        """Score the newest query against the layer's shadow keys and bring back the tokens over the
+        threshold. Returns their positions, which of them are real and their attention, each (B, R),
+        or None when nothing comes back."""
+        if self._shadow_empty(layer, state):
+            return None
+        shadow, slots = state.runtime.shadow[layer], state.slots[layer]
+        device = cache.layers[layer].keys.device
         keys = shadow.keys.to(device=device)
         attention = shadow_attention(extra["query"], keys, extra["scaling"], extra["lse"])   # (B, N)
         n_live = slots.valid.sum(-1, keepdim=True)                  # (B, 1) >= 1: the newest token is live
-        wanted = shadow.valid.to(device) & (attention * n_live >= cfg.readmit_threshold)
+        wanted = shadow.valid.to(device) & (attention * n_live >= self.config.readmit_threshold)
         if not bool(wanted.any()):                                  # most checks: one look, nothing comes back
-            return
-        width = min(cfg.readmit_max, int(wanted.sum(-1).max()))
+            return None
+        width = min(self.config.readmit_max, int(wanted.sum(-1).max()))
         top = attention.masked_fill(~wanted, -1.0).topk(width, dim=-1).indices             # (B, R)
         chosen = wanted.gather(1, top)
-        back_keys = _gather_slots(keys, top).to(dtype)                                  # (B, Hkv, R, hd)
-        back_values = _gather_slots(shadow.values.to(device), top).to(dtype)
+        score = attention.gather(1, top)
+        return self._bring_back(layer, cache, state, top, chosen, score), chosen, score
+
+    def _readmit_positions(self, layer: int, cache, state: TrimState, positions: torch.Tensor,
+                           chosen: torch.Tensor, score: torch.Tensor) -> None:
+        """Bring back the layer's shadow tokens at `positions` (B, R) where `chosen`, with `score` as their
+        accumulated attention: another layer's check asked for them (`readmit_layers`)."""
+        if self._shadow_empty(layer, state):
+            return
+        shadow = state.runtime.shadow[layer]
+        device = shadow.positions.device
+        hit = (shadow.positions[:, :, None] == positions.to(device)[:, None, :]) & chosen.to(device)[:, None, :]
+        wanted = shadow.valid & hit.any(-1)                                              # (B, N)
+        width = int(wanted.sum(-1).max())
+        if width == 0:
+            return
+        top = _first_where(wanted, width)                                                # (B, R')
+        own_score = (hit.float() * score.to(device, torch.float32)[:, None, :]).amax(-1)  # (B, N)
+        self._bring_back(layer, cache, state, top, wanted.gather(1, top), own_score.gather(1, top))
+
+    def _bring_back(self, layer: int, cache, state: TrimState, top: torch.Tensor, chosen: torch.Tensor,
+                    score: torch.Tensor) -> torch.Tensor:
+        """Move shadow slots `top` (B, R) of the layer back into its cache, keys and values as they were,
+        at their original positions; `chosen` (B, R) False marks filler. Returns their positions (B, R)."""
+        rt = state.runtime
+        shadow, slots = rt.shadow[layer], state.slots[layer]
+        layer_cache = cache.layers[layer]
+        device, dtype = layer_cache.keys.device, layer_cache.keys.dtype
+        top_s = top.to(shadow.valid.device)
+        back_keys = _gather_slots(shadow.keys, top_s).to(device=device, dtype=dtype)      # (B, Hkv, R, hd)
+        back_values = _gather_slots(shadow.values, top_s).to(device=device, dtype=dtype)
+        positions = shadow.positions.gather(1, top_s).to(device)                          # (B, R)
+        chosen = chosen.to(device)
+        scores = self._scores(layer, state)                           # aligned with the slots before the return
         if isinstance(layer_cache, InPlaceLayer):
             layer_cache.update(back_keys, back_values)
         else:
             layer_cache.keys = torch.cat([layer_cache.keys, back_keys], 2)
             layer_cache.values = torch.cat([layer_cache.values, back_values], 2)
-        state.slots[layer] = slots.extend(shadow.positions.to(device).gather(1, top), chosen)
-        rt.scores[layer] = torch.cat([rt.scores[layer], attention.gather(1, top)], 1)
-        top_s = top.to(shadow.valid.device)
+        state.slots[layer] = slots.extend(positions, chosen)
+        rt.scores[layer] = torch.cat([scores, score.to(scores.device, scores.dtype)], 1)
         shadow.valid.scatter_(1, top_s, shadow.valid.gather(1, top_s) & ~chosen.to(shadow.valid.device))
         rt.readmitted[layer] += int(chosen.sum())
         # the readmitted slots stay in the shadow tensors as invalid filler until `_bound` compacts them
+        return positions
 
 
 def new_runtime_state(num_layers: int) -> RuntimeState:

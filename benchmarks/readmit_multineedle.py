@@ -26,14 +26,16 @@ from trimformer import stats, trim, untrim
 from trimformer.evaluation.needle import CITIES, NEEDLE, _haystack_ids, _sentence_end_before, chat_parts
 from trimformer.loading import load_model
 
+OWN = {"readmit_threshold": 3.0, "readmit_max": 32, "readmit_layers": None}   # every layer checks its own shadow set
 VARIANTS = {
     "full": None,
     "no readmission": {"budget": 0.5, "readmit_every": 0},
-    "readmit (defaults: every 4 steps, 10x)": {"budget": 0.5},
-    "readmit every 4 steps, 3x, max 32": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 3.0, "readmit_max": 32},
-    "readmit every 2 steps, 3x, max 32": {"budget": 0.5, "readmit_every": 2, "readmit_threshold": 3.0, "readmit_max": 32},
-    "readmit every step, 6x, max 32": {"budget": 0.5, "readmit_every": 1, "readmit_threshold": 6.0, "readmit_max": 32},
-    "readmit every step, 3x, max 32": {"budget": 0.5, "readmit_every": 1, "readmit_threshold": 3.0, "readmit_max": 32},
+    "readmit (defaults: every step, 3x, layers 5/15/25 for all)": {"budget": 0.5},
+    "readmit every step, 3x, layers 2/7/.../27 for all": {"budget": 0.5, "readmit_layers": [2, 7, 12, 17, 22, 27]},
+    "readmit every step, 3x, layers 12/15/18 for all": {"budget": 0.5, "readmit_layers": [12, 15, 18]},
+    "own layer every step, 3x": {"budget": 0.5, **OWN},
+    "own layer every 4 steps, 10x, max 8 (old defaults)": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 10.0,
+                                                            "readmit_max": 8, "readmit_layers": None},
 }
 NEEDLES = 4
 
@@ -94,6 +96,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
     p.add_argument("--prompts", type=int, default=12, help="prompts (seeds 0..N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + prompts - 1")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="a subset of the variants (full always runs)")
     p.add_argument("--new-tokens", type=int, default=72)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -101,10 +105,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    records: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for seed in tqdm(range(args.prompts), desc="prompts"):
+    variants = {name: VARIANTS[name] for name in (args.variants or VARIANTS)}
+    if "full" not in variants:
+        variants = {"full": None, **variants}
+    records: dict[str, list[dict]] = {name: [] for name in variants}
+    for seed in tqdm(range(args.first_seed, args.first_seed + args.prompts), desc="prompts"):
         ids, numbers = make_prompt(tokenizer, args.length, seed)
-        for name, config in VARIANTS.items():
+        for name, config in variants.items():
             records[name].append({"seed": seed, **run_variant(model, tokenizer, ids, numbers, config, args.new_tokens)})
     full = [r["found"] for r in records["full"]]
     rows = []
@@ -114,7 +121,7 @@ def main() -> None:
         strong = sum(r["found"] for r, f in zip(recs, full) if f >= 2)
         share = sum(r["mean_kv_share"] for r in recs) / len(recs)
         readmitted = sum(r["readmitted"] for r in recs)
-        rows.append({"variant": name, "config": VARIANTS[name], "found": found, "of": NEEDLES * len(recs),
+        rows.append({"variant": name, "config": variants[name], "found": found, "of": NEEDLES * len(recs),
                      "found_where_full_ge_2": strong, "mean_kv_share": share, "readmitted": readmitted})
         print(f"{name:42s} {found:3d}/{NEEDLES * len(recs):<3d} {strong:22d} {share:14.3f} {readmitted:11d}")
     if args.json:

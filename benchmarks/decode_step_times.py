@@ -1,0 +1,77 @@
+"""Per-step decode times of `runtime` configurations against the in-place cache, by step phase.
+
+Prefills one needle prompt, then times each of `--steps` greedy decode steps, for the unpatched model with
+the in-place cache and for each configuration, in alternating rounds. Prints the mean step time and the
+median per step index modulo 8 (eviction runs every 8 steps by default, so the 8 columns show what each
+kind of step costs). The first 16 steps are left out (the first eviction halves the cache at step 8).
+
+    .venv/bin/python benchmarks/decode_step_times.py --length 4096 \\
+        --configs '[{"budget": 0.5}, {"budget": 0.5, "readmit_every": 0}, {"budget": 0.5, "readmit_layers": null}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from trimformer import trim, untrim
+from trimformer.evaluation.needle import make_needle
+from trimformer.loading import load_model
+from trimformer.models.kv_buffer import use_in_place
+
+SKIP = 16
+
+
+@torch.inference_mode()
+def step_times(model, ids: torch.Tensor, steps: int, in_place: bool) -> list[float]:
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    if in_place:
+        use_in_place(cache)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> str:
+    times = times[SKIP:]
+    by_phase = [statistics.median(t for j, t in enumerate(times) if (j + SKIP) % 8 == r) * 1000 for r in range(8)]
+    return f"mean {statistics.mean(times) * 1000:6.1f} ms | by step mod 8: " + " ".join(f"{v:.0f}" for v in by_phase)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--configs", default='[{"budget": 0.5}]', help="JSON list of runtime options")
+    args = p.parse_args()
+    if args.steps < SKIP + 8:
+        raise SystemExit(f"--steps must be at least {SKIP + 8}: the first {SKIP} steps are not counted, "
+                         "and each of the 8 step phases needs one")
+    torch.set_num_threads(args.threads)
+    configs = json.loads(args.configs)
+    model, tokenizer = load_model(args.model)
+    ids = make_needle(tokenizer, args.length, depth=0.5, seed=args.length).input_ids
+    for _ in range(args.rounds):
+        print(f"{'in-place cache, no eviction':60s} {summary(step_times(model, ids, args.steps, True))}", flush=True)
+        for config in configs:
+            trim(model, {"method": "runtime", **config})
+            try:
+                print(f"{json.dumps(config):60s} {summary(step_times(model, ids, args.steps, False))}", flush=True)
+            finally:
+                untrim(model)
+
+
+if __name__ == "__main__":
+    main()

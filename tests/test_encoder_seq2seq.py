@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MarianConfig, MarianMTModel
 
-from trimformer import UnsupportedModelError, stats, trim, untrim
+from trimformer import ConfigError, UnsupportedModelError, stats, trim, untrim
 
 torch.set_num_threads(1)
 
@@ -113,4 +113,6 @@ def test_untrim_restores_and_unsupported_methods_are_refused():
     for method in ("tome", "lazy"):
         with pytest.raises(UnsupportedModelError):
             trim(model, method=method, keep=0.5, layers=[0])
+    with pytest.raises(ConfigError, match="cross-attends to every encoder output"):
+        trim(model, method="random", keep=0.5, layers=[0], cls_only_last=True)
     assert not hasattr(model, "_trimformer_patch")

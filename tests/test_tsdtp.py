@@ -208,6 +208,45 @@ def test_cls_attention_kept_share_matches_the_analytic_share():
     assert abs(measured - ratio_kept_share(lengths, [0, 2], keep, 4)) < 1e-9
 
 
+@pytest.mark.parametrize("method", ["tsdtp", "cls_attention"])
+def test_cls_only_last_keeps_the_logits_and_runs_the_last_mlp_on_cls(tmp_path, method):
+    """The last layer's MLP on [CLS] alone: the same logits (the head reads [CLS]), one MLP token per row in
+    the last layer, and the kept share the analysis gives."""
+    model = tiny_bert()
+    batch = padded_batch()
+    if method == "tsdtp":
+        pruner_for(model, [0, 1, 2], [0.0, 0.2, 0.2]).save(tmp_path)
+        options = {"method": "tsdtp", "pruner": str(tmp_path), "layers": [0, 1, 2]}
+    else:
+        options = {"method": "cls_attention", "keep": 0.6, "layers": [0, 2]}
+    with torch.no_grad():
+        trim(model, options)
+        ref, ref_stats = model(**batch).logits, stats(model)
+        trim(model, {**options, "cls_only_last": True})
+        out, s = model(**batch).logits, stats(model)
+        untrim(model)
+    assert float((out - ref).abs().max()) < 1e-5
+    assert s["mlp_tokens_per_layer"][:-1] == ref_stats["mlp_tokens_per_layer"][:-1]
+    assert s["kept_tokens_per_layer"] == ref_stats["kept_tokens_per_layer"]
+    assert s["mlp_tokens_per_layer"][-1] == 3                                  # [CLS] of each of the 3 rows
+    total = 2 * 4 * sum(s["input_tokens"])
+    saved = ref_stats["mlp_tokens_per_layer"][-1] - 3
+    assert abs(s["kept_fraction"] - (ref_stats["kept_fraction"] - saved / total)) < 1e-12
+    if method == "cls_attention":
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        assert abs(s["kept_fraction"] - ratio_kept_share(lengths, [0, 2], 0.6, 4, cls_only_last=True)) < 1e-12
+
+
+def test_cls_only_last_is_refused_where_other_outputs_are_read(llama):
+    with pytest.raises(ConfigError, match="cls_only_last"):
+        trim(tiny_bert(), method="tome", r=2, cls_only_last=True)
+    with pytest.raises(ConfigError, match="cls_only_last"):
+        trim(llama, method="lazy", keep=0.5, cls_only_last=True)
+    with pytest.raises(ConfigError, match="cls_only_last must be True or False"):
+        trim(tiny_bert(), method="cls_attention", keep=0.5, cls_only_last="yes")
+    assert not hasattr(llama, "_trimformer_patch")
+
+
 def test_errors_are_clear(tmp_path, llama):
     model = tiny_bert()
     with pytest.raises(ConfigError, match="pruner=PATH"):

@@ -577,7 +577,7 @@ def cmd_eval_glue(args: argparse.Namespace) -> int:
     inputs = [x.strip() for x in args.bench_inputs.split(",") if x.strip()] if args.bench_inputs else None
     counts = [x.strip() for x in args.tsdtp_counts.split(",") if x.strip()] if args.tsdtp_counts else None
     data = run_glue(args.task, args.checkpoint, baseline=args.baseline, data=args.data, bench_inputs=inputs,
-                    tsdtp_counts=counts,
+                    tsdtp_counts=counts, cls_only_last=args.cls_only_last,
                     bench_count=args.bench_batches, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                     memory=not args.no_memory, progress=not args.no_progress)
     table = format_table(data)
@@ -604,6 +604,9 @@ def add_eval_glue_parser(tasks) -> None:
                    help="TS-DTP rows, comma-separated: row (per-row threshold) and/or batch (the threshold's budget "
                         "spread over the batch); the first is the 'tsdtp' row whose kept share the generic row "
                         "matches, others add 'tsdtp-<mode>' rows (default: the checkpoint's own)")
+    e.add_argument("--cls-only-last", action="store_true",
+                   help="pruned rows run the last layer's MLP on [CLS] alone (the logits do not change); adds a "
+                        "'finetuned-cls-only-last' row, the unpruned model with only that")
     e.add_argument("--bench-batches", type=int, default=8, help="batches of 32 timed, spread over lengths")
     e.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     e.add_argument("--warmup", type=int, default=1, help="untimed rounds first")

@@ -76,6 +76,9 @@ class TrimConfig:
     unmerge_attention: str = "qkv"          # merge_unmerge: what the attention block computes on merged tokens:
                                             # "qkv", "queries" (keys/values on all), "keys_values", "none"
     unmerge_mlp: bool = True                # merge_unmerge: the MLP runs on merged tokens
+    cls_only_last: bool = False             # encoders read through [CLS] (classifiers, pooler): the last layer's
+                                            # MLP runs on [CLS] only; the other tokens' outputs are then their
+                                            # states after its attention block
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -191,7 +194,7 @@ class TrimConfig:
         if self.r_schedule not in ("constant", "decreasing", "increasing"):
             raise ConfigError(
                 f"r_schedule must be one of ('constant', 'decreasing', 'increasing'), got {self.r_schedule!r}")
-        for name in ("prop_attn", "trace_source"):
+        for name in ("prop_attn", "trace_source", "cls_only_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.adaptive_mode not in ("sampling", "mass", "similarity"):

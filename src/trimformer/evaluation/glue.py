@@ -27,6 +27,7 @@ from .glue_data import collate, length_batches, load_examples, tokenize
 
 BATCH = 32
 GENERIC = "cls_attention"
+CLS_ONLY_LAST = "finetuned-cls-only-last"   # the unpruned model, last layer's MLP on [CLS] only
 
 
 @dataclass
@@ -115,9 +116,10 @@ def dev_batches(tokenizer, task: str, data: str | None = None, max_length: int =
 
 # ---- generic pruning at a matched kept share ---------------------------------------------------------
 def ratio_kept_share(lengths: list[int], layers: list[int], keep: float, num_layers: int,
-                     protected: int = 2) -> float:
+                     protected: int = 2, cls_only_last: bool = False) -> float:
     """Kept share of token-layer computations when every layer in `layers` keeps ceil(keep x live) tokens
-    (at least `protected`), dropping between attention and MLP as the encoder adapter does."""
+    (at least `protected`), dropping between attention and MLP as the encoder adapter does; with
+    `cls_only_last` the last layer's MLP runs on [CLS] alone."""
     done = 0
     for n in lengths:
         live = n
@@ -125,22 +127,26 @@ def ratio_kept_share(lengths: list[int], layers: list[int], keep: float, num_lay
             done += live
             if layer in layers:
                 live = min(live, max(math.ceil(keep * live - 1e-9), min(protected, n)))
-            done += live
+            done += 1 if cls_only_last and layer == num_layers - 1 else live
     return done / (2 * num_layers * sum(lengths))
 
 
-def matched_keep(lengths: list[int], layers: list[int], num_layers: int, target: float) -> float:
+def matched_keep(lengths: list[int], layers: list[int], num_layers: int, target: float,
+                 cls_only_last: bool = False) -> float:
     """The smallest per-layer keep ratio (to 1e-4) whose kept share is at least `target`."""
+    def share(keep: float) -> float:
+        return ratio_kept_share(lengths, layers, keep, num_layers, cls_only_last=cls_only_last)
+
     low, high = 1e-4, 1.0
-    if ratio_kept_share(lengths, layers, low, num_layers) >= target:
+    if share(low) >= target:
         return low
     for _ in range(40):
         mid = (low + high) / 2
-        if ratio_kept_share(lengths, layers, mid, num_layers) >= target:
+        if share(mid) >= target:
             high = mid
         else:
             low = mid
-    return round(high, 4) if ratio_kept_share(lengths, layers, round(high, 4), num_layers) >= target else high
+    return round(high, 4) if share(round(high, 4)) >= target else high
 
 
 # ---- timing and memory -------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def peak_memory(variant: Variant, batch: dict[str, torch.Tensor], threads: int) 
 def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = None, data: str | None = None,
              bench_inputs: list[str] | None = None, bench_count: int = 8, repeats: int = 3, warmup: int = 1,
              threads: int = 1, memory: bool = True, progress: bool = True,
-             tsdtp_counts: list[str] | None = None) -> dict[str, Any]:
+             tsdtp_counts: list[str] | None = None, cls_only_last: bool = False) -> dict[str, Any]:
     """The table of `task`: rows for the fine-tuned model, generic pruning at TS-DTP's kept share, TS-DTP.
 
     `checkpoint` is a TS-DTP folder (or a plain fine-tuned one: then only its unpruned row); `baseline` the
@@ -221,7 +227,9 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
     dev inputs timed (default: the task's own); the first gives `throughput`, others
     `throughput_<task>` and `kept_fraction_<task>` columns. `tsdtp_counts` lists how TS-DTP turns its
     threshold into keep counts ("row", "batch"; default: the checkpoint's own): the first is the "tsdtp"
-    row, whose kept share the generic row matches, each other one a "tsdtp-<mode>" row."""
+    row, whose kept share the generic row matches, each other one a "tsdtp-<mode>" row. `cls_only_last`
+    runs the last layer's MLP on [CLS] alone in the pruned rows (the logits do not change) and adds a
+    "finetuned-cls-only-last" row: the unpruned model with only that."""
     from ..tsdtp import checkpoint_paths
 
     torch.set_num_threads(threads)
@@ -244,7 +252,10 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
             name = "tsdtp" if i == 0 else f"tsdtp-{counts}"
             if any(v.method == name for v in variants):
                 raise InputError(f"TS-DTP counts mode {counts!r} given twice")
-            variants.append(Variant(name, ts_model, tsdtp_options(checkpoint, counts), str(checkpoint)))
+            options = tsdtp_options(checkpoint, counts)
+            if cls_only_last:
+                options["cls_only_last"] = True
+            variants.append(Variant(name, ts_model, options, str(checkpoint)))
 
     batches, labels = dev_batches(tokenizer, task, data)
     rows: dict[str, dict[str, Any]] = {}
@@ -256,12 +267,20 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
     if has_tsdtp:
         layers = variants[1].trim["layers"]
         lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]
-        keep = matched_keep(lengths, layers, base_model.config.num_hidden_layers, rows["tsdtp"]["kept_fraction"])
-        generic = Variant(GENERIC, load_classifier(baseline)[0], {"method": GENERIC, "layers": layers, "keep": keep},
-                          str(baseline))
-        variants.insert(1, generic)
-        preds, kept, _ = run_batches(generic.model, batches, generic.trim, progress, desc=f"{task} {GENERIC}")
-        rows[GENERIC] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept, "keep": keep}
+        keep = matched_keep(lengths, layers, base_model.config.num_hidden_layers, rows["tsdtp"]["kept_fraction"],
+                            cls_only_last)
+        extra = {"cls_only_last": True} if cls_only_last else {}
+        generic = Variant(GENERIC, load_classifier(baseline)[0],
+                          {"method": GENERIC, "layers": layers, "keep": keep, **extra}, str(baseline))
+        added = [generic]
+        if cls_only_last:   # keep 1.0: nothing dropped but the last layer's MLP on [CLS] alone
+            added.insert(0, Variant(CLS_ONLY_LAST, base_model,
+                                    {"method": GENERIC, "layers": layers, "keep": 1.0, **extra}, str(baseline)))
+        for i, v in enumerate(added):
+            variants.insert(1 + i, v)
+            preds, kept, _ = run_batches(v.model, batches, v.trim, progress, desc=f"{task} {v.method}")
+            rows[v.method] = {"accuracy": float((preds == labels).float().mean()), "kept_fraction": kept,
+                              "keep": v.trim["keep"]}
 
     inputs = bench_inputs or [task]
     for i, name in enumerate(inputs):
@@ -279,7 +298,7 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
                 rows[v.method]["peak_memory_mb"], rows[v.method]["peak_extra_mb"] = peak_memory(v, longest, threads)
     results = [{"task": task, "method": v.method, **rows[v.method], "model": v.path} for v in variants]
     return {"results": results,
-            "settings": {"batch": BATCH, "bench_inputs": inputs, "bench_batches": bench_count, "repeats": repeats,
+            "settings": {"batch": BATCH, "bench_inputs": inputs, "cls_only_last": cls_only_last, "bench_batches": bench_count, "repeats": repeats,
                          "warmup": warmup, "threads": threads, "dev_examples": int(labels.numel()),
                          "checkpoint": str(checkpoint), "baseline": str(baseline)}}
 
@@ -300,7 +319,7 @@ def format_table(data: dict[str, Any]) -> str:
     head += ["peak memory MB", "above load MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["task"], r["method"] + (f" (keep {r['keep']:.3f}/layer)" if "keep" in r else "")
+        cells = [r["task"], r["method"] + (f" (keep {r['keep']:.3f}/layer)" if r["method"] == GENERIC else "")
                  + (f" (counts: {r['counts']})" if "counts" in r else ""),
                  f"{100 * r['accuracy']:.2f}", f"{100 * r['kept_fraction']:.1f}%", f"{r['throughput']:.1f}",
                  f"{r['speedup']:.2f}x"]

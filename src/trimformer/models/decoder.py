@@ -21,7 +21,7 @@ import torch
 
 from ..cache import AuxEntry, LayerSlots, TrimState
 from ..config import TrimConfig
-from ..errors import InputError, UnsupportedModelError
+from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
@@ -125,6 +125,9 @@ class DecoderPatch:
 
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
         check_supported(model)
+        if config.cls_only_last:
+            raise ConfigError("cls_only_last is for encoders read through [CLS] (BERT-family classifiers); a "
+                              "decoder's output is its last token's")
         self.model = model
         self.base = model.model
         self.config = config

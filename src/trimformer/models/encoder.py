@@ -212,6 +212,9 @@ class EncoderPatch:
             if config.merge_metric == "keys":
                 raise ConfigError("tome_mode 'merge_unmerge' matches on each block's input hidden states; "
                                   "merge_metric must be 'auto' or 'hidden'")
+        if config.cls_only_last and self.merging:
+            raise ConfigError("cls_only_last drops every token but [CLS] before the last MLP; with method 'tome' "
+                              "use a dropping method (tsdtp, cls_attention, random) or leave it False")
         self.metric = self._merge_metric()
         if method.evicts or not method.prunes_prefill or method.name in DECODER_ONLY_METHODS:
             from .decoder import SUPPORTED
@@ -450,6 +453,9 @@ class EncoderPatch:
             h, merged = self._merge(layer, h, bias)
         elif layer in self.plan:
             h, dropped = self._drop(layer, h, bias)
+        if self.config.cls_only_last and layer == self.num_layers - 1:
+            h, gone = self._keep_leading(h)
+            dropped += gone
         state.merged.append(merged)
         state.dropped.append(dropped)
         state.mlp_tokens.append(live.valid.sum(-1).cpu())
@@ -659,6 +665,22 @@ class EncoderPatch:
             counts = torch.maximum(self._adaptive_keep(layer, bias, counts, valid & ~protected, n_protected),
                                    n_protected)
         index, kept = select(scores, valid, protected, counts)
+        return self._keep_slots(h, index, kept)
+
+    def _keep_leading(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """cls_only_last: keep only the leading protected slots ([CLS], DeiT's distillation token) for the
+        last layer's MLP."""
+        n = self.family.protected
+        index = torch.arange(n, device=h.device).expand(h.shape[0], n)          # (B, n)
+        return self._keep_slots(h, index, self.live.valid[:, :n])
+
+    def _keep_slots(self, h: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Keep slots `index` (B, K') of h (B, T, D), ascending, `kept` (B, K') False for filler; the other
+        live tokens are dropped, their states stashed as their outputs. Returns the kept states and the
+        number dropped."""
+        live = self.live
+        b, t, d = h.shape
+        valid = live.valid
         keep_mask = torch.zeros_like(valid).scatter_(1, index, kept)
         gone = valid & ~keep_mask
         n_gone = int(gone.sum())

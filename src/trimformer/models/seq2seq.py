@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import TrimConfig
-from ..errors import InputError, TrimformerError, UnsupportedModelError
+from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
 from ..methods import Method, ScoreInputs
 from ..policy import ratio_counts, select
 from ..scoring.received import mean_attention_received
@@ -70,6 +70,9 @@ class Seq2SeqEncoderPatch:
                                         f"{type(model).__name__}; use one of {SEQ2SEQ_METHODS}")
         if config.adaptive:
             raise UnsupportedModelError("adaptive keep is not supported on encoder-decoder encoders")
+        if config.cls_only_last:
+            raise ConfigError("cls_only_last is for encoders read through [CLS]; the decoder of "
+                              f"{type(model).__name__} cross-attends to every encoder output")
         self.encoder, self.decoder = found
         self.model = model
         self.config = config

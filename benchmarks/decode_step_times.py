@@ -1,9 +1,10 @@
 """Per-step decode times of `runtime` configurations against the in-place cache, by step phase.
 
 Prefills one needle prompt, then times each of `--steps` greedy decode steps, for the unpatched model with
-the in-place cache and for each configuration, in alternating rounds. Prints the mean step time and the
-median per step index modulo 8 (eviction runs every 8 steps by default, so the 8 columns show what each
-kind of step costs). The first 16 steps are left out (the first eviction halves the cache at step 8).
+the in-place cache and for each configuration, in alternating rounds. Prints the summed time of all steps,
+then the mean step time and the median per step index modulo 8 (eviction runs every 8 steps by default, so
+the 8 columns show what each kind of step costs); those two leave out the first 16 steps (the first
+eviction halves the cache at step 8).
 
     .venv/bin/python benchmarks/decode_step_times.py --length 4096 \\
         --configs '[{"budget": 0.5}, {"budget": 0.5, "readmit_every": 0}, {"budget": 0.5, "readmit_layers": null}]'
@@ -42,9 +43,10 @@ def step_times(model, ids: torch.Tensor, steps: int, in_place: bool) -> list[flo
 
 
 def summary(times: list[float]) -> str:
+    total = sum(times)                      # every step, the first SKIP included
     times = times[SKIP:]
     by_phase = [statistics.median(t for j, t in enumerate(times) if (j + SKIP) % 8 == r) * 1000 for r in range(8)]
-    return f"mean {statistics.mean(times) * 1000:6.1f} ms | by step mod 8: " + " ".join(f"{v:.0f}" for v in by_phase)
+    return f"total {total:6.1f} s | mean {statistics.mean(times) * 1000:6.1f} ms | by step mod 8: " + " ".join(f"{v:.0f}" for v in by_phase)
 
 
 def main() -> None:

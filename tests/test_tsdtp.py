@@ -366,6 +366,16 @@ def test_training_lowers_the_loss_and_the_checkpoint_round_trips(synthetic, tmp_
     assert rows["tsdtp"]["counts"] == "batch" and rows["tsdtp-row"]["counts"] == "row"
     assert rows["cls_attention"]["kept_fraction"] >= rows["tsdtp"]["kept_fraction"] - 1e-9
     assert rows["tsdtp-row"]["accuracy"] == result.dev["accuracy"]     # train-task's dev check used the default, row
+    # --cls-only-last: the same accuracies, less work in every pruned row, and the unpruned model with only that
+    lean = run_glue("sst2", out, baseline=model_dir, data=str(data), bench_count=1, repeats=1, warmup=0,
+                    memory=False, progress=False, tsdtp_counts=["batch"], cls_only_last=True)
+    lean_rows = {r["method"]: r for r in lean["results"]}
+    assert list(lean_rows) == ["finetuned", "finetuned-cls-only-last", "cls_attention", "tsdtp"]
+    assert lean_rows["finetuned-cls-only-last"]["accuracy"] == rows["finetuned"]["accuracy"]
+    assert lean_rows["finetuned-cls-only-last"]["kept_fraction"] < 1.0
+    assert lean_rows["tsdtp"]["accuracy"] == rows["tsdtp"]["accuracy"]
+    assert lean_rows["tsdtp"]["kept_fraction"] < rows["tsdtp"]["kept_fraction"]
+    assert lean_rows["cls_attention"]["kept_fraction"] >= lean_rows["tsdtp"]["kept_fraction"] - 1e-9
     with pytest.raises(ConfigError, match="counts must be one of"):
         tsdtp_options(out, "widest")
 

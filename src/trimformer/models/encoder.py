@@ -645,7 +645,7 @@ class EncoderPatch:
     # ---- dropping ----------------------------------------------------------------------------
     def _drop(self, layer: int, h: torch.Tensor, bias) -> tuple[torch.Tensor, int]:
         live, cfg = self.live, self.config
-        b, t, d = h.shape
+        t = h.shape[1]
         valid = live.valid
         protected = self._protected()
         attention = self._cls_attention(layer, bias) if "q" in self._captured and "k" in self._captured else None

@@ -571,6 +571,53 @@ def add_train_task_parser(sub) -> None:
     t.set_defaults(func=cmd_train_task)
 
 
+def cmd_train_merge(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .train.merge_distill import MergeDistillOptions, train_merge_distill
+
+    torch.set_num_threads(args.threads)
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as exc:
+        raise TrimformerError(f"--config must be a JSON object, got {args.config!r}: {exc}") from exc
+    opts = MergeDistillOptions(model=args.model, init=args.init, config=config, steps=args.steps, batch=args.batch, lr=args.lr,
+                               token_weight=args.token_weight, dev_sentences=args.dev_sentences, seed=args.seed,
+                               data=args.data)
+    record = train_merge_distill(opts, args.out, progress=not args.no_progress)
+    for task, after in record["dev_after"].items():
+        before = record["dev_before"][task]
+        print(f"{task}: mean cosine to the full model {before['mean_cosine']:.4f} -> {after['mean_cosine']:.4f} "
+              f"({after['sentences']} dev sentences, kept {after['kept_fraction']:.3f})")
+    print(f"{record['options']['steps']} steps in {record['seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+def add_train_merge_parser(sub) -> None:
+    t = sub.add_parser("train-merge", help="fine-tune a sentence encoder to work merged (ToMe): distil the unmerged "
+                                           "model's mean-pooled embeddings into the merged one, save the encoder")
+    t.add_argument("--out", required=True, help="folder to write (an AutoModel folder + merge_distill.json)")
+    t.add_argument("--model", default="minilm-l6",
+                   help="the full model, teacher and starting point: minilm-l6 or a folder (default: %(default)s)")
+    t.add_argument("--init", default=None, help="start the student from this folder instead (e.g. an earlier run)")
+    t.add_argument("--config", default='{"method": "tome", "reduction_ratio": 0.3}',
+                   help="trim configuration the student trains under, as JSON (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--batch", type=int, default=32, help="sentences per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--token-weight", type=float, default=0.0,
+                   help="weight of a per-token cosine loss beside the pooled one (default: %(default)s)")
+    t.add_argument("--dev-sentences", type=int, default=300,
+                   help="SST-2 and QNLI dev sentences each for the before/after record (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    t.add_argument("--data", default=None, help="folder holding sst2/, wmt16_en_de/, pg_essays/ (default: ../shared/data)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_merge)
+
+
 def cmd_eval_glue(args: argparse.Namespace) -> int:
     from .evaluation.glue import format_table, run_glue
 
@@ -671,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     add_train_task_parser(sub)
+    add_train_merge_parser(sub)
 
     p = sub.add_parser("methods", help="list the pruning methods")
     p.set_defaults(func=cmd_methods)

@@ -6,9 +6,11 @@
 reads SST-2 sentences (sst2/dev.tsv, column `text`) and QNLI questions and sentences (qnli/dev.tsv) from
 the shared data folder, embeds each with the full model and the trimmed one (same batches, in one
 process), and reports the mean, minimum and 5th percentile cosine, the share of token-layer work done
-and the FLOP ratio. With --throughput R it also times the encoder, full vs trimmed, on the first
---throughput-sentences QNLI sentences in batches of --batch: one process, a warm-up of each, then R rounds
-alternating full and trimmed, medians of the per-round times.
+and the FLOP ratio. With --student DIR (an encoder fine-tuned to work merged, `trimformer train-merge`)
+the trimmed embeddings come from that encoder and the full ones from --model. With --throughput R it also
+times the encoder, full vs trimmed, on the first --throughput-sentences QNLI sentences in batches of
+--batch: one process, a warm-up of each, then R rounds alternating full and trimmed, medians of the
+per-round times.
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def embed(model, tokenizer, sentences: list[str], batch: int = 32, max_length: i
 
 
 @torch.inference_mode()
-def embedding_fidelity(model, tokenizer, sentences: list[str], config: dict, batch: int = 32) -> dict:
-    """Embed with the full and the trimmed model, batch by batch; cosine per sentence and summary."""
+def embedding_fidelity(model, tokenizer, sentences: list[str], config: dict, batch: int = 32,
+                       reference=None) -> dict:
+    """Embed with the full and the trimmed model, batch by batch; cosine per sentence and summary.
+    With `reference` (e.g. the original encoder when `model` was fine-tuned to work merged) the full
+    embeddings come from `reference`, the trimmed ones from `model`."""
     cosines: list[float] = []
     kept, ratios = [], []
     for i in range(0, len(sentences), batch):
         chunk = sentences[i:i + batch]
-        full = embed(model, tokenizer, chunk, batch)
+        full = embed(model if reference is None else reference, tokenizer, chunk, batch)
         trim(model, dict(config))
         try:
             trimmed = embed(model, tokenizer, chunk, batch)
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--config", default='{"method": "tome", "reduction_ratio": 0.3}',
                    help="trim configuration as JSON (default: %(default)s)")
+    p.add_argument("--student", default=None,
+                   help="trim this encoder folder instead (e.g. from `trimformer train-merge`) and compare it with "
+                        "--model unpruned")
     p.add_argument("--tasks", default="sst2,qnli")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int, default=None, help="sentences per task (default: all)")
@@ -169,12 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
+    reference = None
+    if args.student:
+        from ..train.merge_distill import load_encoder
+
+        reference, (model, tokenizer) = model, load_encoder(args.student)
     config = json.loads(args.config)
     results = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         sentences = read_sentences(task, args.data, args.limit)
-        row = {"task": task, "model": args.model, "config": config,
-               **embedding_fidelity(model, tokenizer, sentences, config, args.batch)}
+        row = {"task": task, "model": args.model, "student": args.student, "config": config,
+               **embedding_fidelity(model, tokenizer, sentences, config, args.batch, reference)}
         results.append(row)
         print(f"{task}: {row['sentences']} sentences, mean cosine {row['mean_cosine']:.4f}, "
               f"p05 {row['p05_cosine']:.4f}, min {row['min_cosine']:.4f}, kept {row['kept_fraction']:.3f}, "

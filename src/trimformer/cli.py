@@ -583,9 +583,9 @@ def cmd_train_merge(args: argparse.Namespace) -> int:
         config = json.loads(args.config)
     except json.JSONDecodeError as exc:
         raise TrimformerError(f"--config must be a JSON object, got {args.config!r}: {exc}") from exc
-    opts = MergeDistillOptions(model=args.model, init=args.init, config=config, steps=args.steps, batch=args.batch, lr=args.lr,
-                               token_weight=args.token_weight, dev_sentences=args.dev_sentences, seed=args.seed,
-                               data=args.data)
+    opts = MergeDistillOptions(model=args.model, init=args.init, config=config, steps=args.steps, batch=args.batch,
+                               lr=args.lr, token_weight=args.token_weight, dev_sentences=args.dev_sentences,
+                               seed=args.seed, data=args.data)
     record = train_merge_distill(opts, args.out, progress=not args.no_progress)
     for task, after in record["dev_after"].items():
         before = record["dev_before"][task]

@@ -152,8 +152,8 @@ def train_merge_distill(opts: MergeDistillOptions, out: str | Path, progress: bo
         running = None
         bar = tqdm(range(opts.steps), desc="merge distill", disable=not progress)
         for step in bar:
-            first = (step * opts.batch) % len(sentences)
-            chunk = (sentences + sentences[:opts.batch])[first:first + opts.batch]
+            first = step * opts.batch
+            chunk = [sentences[(first + i) % len(sentences)] for i in range(opts.batch)]   # wraps around the list
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=opts.max_length, return_tensors="pt")
             with torch.no_grad():
                 target = teacher(**enc).last_hidden_state                  # (B, T, D)

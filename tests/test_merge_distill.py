@@ -111,17 +111,28 @@ def test_training_brings_merged_embeddings_closer_and_the_folder_reloads(encoder
     assert more["dev_before"] == record["dev_after"]
 
 
-def test_training_sentences_reads_the_three_sources_by_length(tmp_path):
+def test_training_sentences_reads_the_sources_by_length_and_leaves_out_dev(tmp_path):
     (tmp_path / "sst2").mkdir()
-    (tmp_path / "sst2" / "train.tsv").write_text("text\tlabel\na b c d e\t1\ntoo short\t0\n")
+    (tmp_path / "sst2" / "train.tsv").write_text("text\tlabel\na b c d e\t1\ntoo short\t0\nf g h i j\t0\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("text\tlabel\nf g h i j\t0\n")          # a dev sentence: left out
     (tmp_path / "wmt16_en_de").mkdir()
     (tmp_path / "wmt16_en_de" / "news.en").write_text("one two three four five six\n\n")
     (tmp_path / "wmt16_en_de" / "news.de").write_text("eins zwei drei vier fuenf sechs\n")
     (tmp_path / "pg_essays").mkdir()
     (tmp_path / "pg_essays" / "essay.txt").write_text("First of all we\nwrite five. No. Is this six words long?")
     (tmp_path / "pg_essays" / "LICENSE-x.txt").write_text("licence text of many many words here.")
+    (tmp_path / "longbench").mkdir()
+    prompt = ("Passage 1: Rhosgoch is a village.NEWLINE_CHAR It lies on Anglesey in Wales! Who? "
+              "Where is the question now?")
+    (tmp_path / "longbench" / "hotpotqa.json").write_text(json.dumps({"0": {"origin_prompt": prompt, "gold": []}}))
+    (tmp_path / "longbench" / "lcc.json").write_text(json.dumps({"0": {"origin_prompt": "code is not read at all."}}))
+    (tmp_path / "qnli").mkdir()
+    (tmp_path / "qnli" / "dev.tsv").write_text("idx\tquestion\tsentence\tlabel\n0\tWhere is the question now?\tx\t0\n")
     assert training_sentences(tmp_path, min_words=5, max_words=6) == [
-        "a b c d e", "one two three four five six", "First of all we write five.", "Is this six words long?"]
+        "a b c d e", "one two three four five six", "First of all we write five.", "Is this six words long?",
+        "Passage 1: Rhosgoch is a village.", "It lies on Anglesey in Wales!"]
+    assert training_sentences(tmp_path, min_words=5, max_words=6, sources=("wmt16", "longbench")) == [
+        "one two three four five six", "Passage 1: Rhosgoch is a village.", "It lies on Anglesey in Wales!"]
     with pytest.raises(InputError, match="no training sentences of 7-8 words"):
         training_sentences(tmp_path, min_words=7, max_words=8)
 
@@ -131,7 +142,8 @@ def test_bad_options_fail_before_anything_is_written(encoder_and_data, tmp_path)
     out = tmp_path / "never"
     for bad, message in ((dict(steps=0), "steps and batch"), (dict(lr=0.0), "lr must be"),
                          (dict(config={"r": 2}), "needs a 'method'|with a 'method'"),
-                         (dict(min_words=9, max_words=3), "min_words")):
+                         (dict(min_words=9, max_words=3), "min_words"),
+                         (dict(sources=("sst2", "wiki")), "sources must be a non-empty subset")):
         with pytest.raises(ConfigError, match=message):
             train_merge_distill(MergeDistillOptions(model=str(folder), data=str(data), **bad), out, progress=False)
     with pytest.raises(UnsupportedModelError, match="for decoder-only models"):   # refused by trim, before training

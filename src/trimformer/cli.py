@@ -585,7 +585,7 @@ def cmd_train_merge(args: argparse.Namespace) -> int:
         raise TrimformerError(f"--config must be a JSON object, got {args.config!r}: {exc}") from exc
     opts = MergeDistillOptions(model=args.model, init=args.init, config=config, steps=args.steps, batch=args.batch,
                                lr=args.lr, token_weight=args.token_weight, dev_sentences=args.dev_sentences,
-                               seed=args.seed, data=args.data)
+                               seed=args.seed, data=args.data, sources=_sources(args.sources))
     record = train_merge_distill(opts, args.out, progress=not args.no_progress)
     for task, after in record["dev_after"].items():
         before = record["dev_before"][task]
@@ -593,6 +593,10 @@ def cmd_train_merge(args: argparse.Namespace) -> int:
               f"({after['sentences']} dev sentences, kept {after['kept_fraction']:.3f})")
     print(f"{record['options']['steps']} steps in {record['seconds']:.0f} s; wrote {args.out}")
     return 0
+
+
+def _sources(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_train_merge_parser(sub) -> None:
@@ -613,7 +617,10 @@ def add_train_merge_parser(sub) -> None:
                    help="SST-2 and QNLI dev sentences each for the before/after record (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    t.add_argument("--data", default=None, help="folder holding sst2/, wmt16_en_de/, pg_essays/ (default: ../shared/data)")
+    t.add_argument("--data", default=None, help="folder holding sst2/, wmt16_en_de/, pg_essays/, longbench/ "
+                                                "(default: ../shared/data)")
+    t.add_argument("--sources", default="sst2,wmt16,pg_essays,longbench",
+                   help="training-text sources, comma-separated (default: %(default)s)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_merge)
 

@@ -9,8 +9,10 @@ the embeddings the full model gives. The matching stays what it is (discrete, no
 learn to make its merges cheaper. Word embeddings stay frozen; dropout is off (the student runs in eval
 mode, as it will at inference).
 
-Training text: sentences of 5-40 words from SST-2's training file, WMT16's English side and the PG essays
-(none of them from SST-2's or QNLI's dev split, where fidelity is measured). The output folder holds the
+Training text: sentences of 5-40 words from `sources`: SST-2's training file, WMT16's English side, the PG
+essays and the prose of the LongBench subset (Wikipedia passages, papers, reports, news, trivia and TREC
+questions). Any sentence that also occurs in SST-2's or QNLI's dev split, where fidelity is measured, is
+left out. The output folder holds the
 fine-tuned encoder (`save_pretrained`: config.json, model.safetensors, the tokenizer) and
 merge_distill.json (options, the trim configuration, cosine to the full model on dev sentences before and
 after). Load it with `AutoModel.from_pretrained(folder)` and trim it with the same configuration.
@@ -35,6 +37,12 @@ from ..evaluation.embedding_fidelity import embedding_fidelity, mean_pool, read_
 from .data import shared_data_dir
 
 
+# training-text sources: name -> where it lies under the data folder
+SOURCES = ("sst2", "wmt16", "pg_essays", "longbench")
+# LongBench tasks read for prose (code, dialogue and synthetic passage tasks left out)
+LONGBENCH_PROSE = ("hotpotqa", "2wikimqa", "multifieldqa_en", "qasper", "triviaqa", "gov_report", "multi_news", "trec")
+
+
 @dataclass
 class MergeDistillOptions:
     model: str = "minilm-l6"             # the full model: embedded name or folder (AutoModel + tokenizer)
@@ -51,6 +59,7 @@ class MergeDistillOptions:
     dev_sentences: int = 300             # per task (SST-2, QNLI dev), for the before / after record
     seed: int = 0
     data: str | None = None              # folder holding sst2/, wmt16_en_de/, pg_essays/ (default ../shared/data)
+    sources: tuple[str, ...] = SOURCES   # where training sentences come from (see SOURCES)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -63,30 +72,51 @@ class MergeDistillOptions:
             raise ConfigError(f"token_weight must be >= 0, got {self.token_weight}")
         if not 1 <= self.min_words <= self.max_words:
             raise ConfigError(f"need 1 <= min_words <= max_words, got {self.min_words} and {self.max_words}")
+        unknown = [name for name in self.sources if name not in SOURCES]
+        if unknown or not self.sources:
+            raise ConfigError(f"sources must be a non-empty subset of {', '.join(SOURCES)}, got {list(self.sources)}")
         if not isinstance(self.config, dict) or "method" not in self.config:
             raise ConfigError(f"config must be a trim configuration with a 'method', got {self.config!r}")
 
 
-def training_sentences(data: str | Path | None = None, min_words: int = 5, max_words: int = 40) -> list[str]:
-    """Sentences of min_words..max_words words from sst2/train.tsv, wmt16_en_de/*.en and pg_essays/*.txt
-    (whichever exist under `data`), in file order."""
+def training_sentences(data: str | Path | None = None, min_words: int = 5, max_words: int = 40,
+                       sources: tuple[str, ...] = SOURCES) -> list[str]:
+    """Sentences of min_words..max_words words from the `sources` that exist under `data` (sst2/train.tsv,
+    wmt16_en_de/*.en, pg_essays/*.txt, longbench/<LONGBENCH_PROSE>.json), in that order, leaving out any
+    sentence of SST-2's or QNLI's dev split."""
     root = Path(data) if data is not None else shared_data_dir()
     out: list[str] = []
     sst2 = root / "sst2" / "train.tsv"
-    if sst2.exists():
+    if "sst2" in sources and sst2.exists():
         out += [line.split("\t")[0].strip() for line in sst2.read_text(encoding="utf-8").splitlines()[1:]]
-    for path in sorted((root / "wmt16_en_de").glob("*.en")):
-        out += path.read_text(encoding="utf-8").splitlines()
-    for path in sorted((root / "pg_essays").glob("*.txt")):
-        if path.name.upper().startswith("LICENSE"):
-            continue
-        text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8", errors="replace"))
-        out += re.split(r"(?<=[.?!])\s+", text)
-    out = [s.strip() for s in out if min_words <= len(s.split()) <= max_words]
+    if "wmt16" in sources:
+        for path in sorted((root / "wmt16_en_de").glob("*.en")):
+            out += path.read_text(encoding="utf-8").splitlines()
+    if "pg_essays" in sources:
+        for path in sorted((root / "pg_essays").glob("*.txt")):
+            if not path.name.upper().startswith("LICENSE"):
+                out += _split_sentences(path.read_text(encoding="utf-8", errors="replace"))
+    if "longbench" in sources:
+        for task in LONGBENCH_PROSE:
+            path = root / "longbench" / f"{task}.json"
+            if path.exists():
+                for example in json.loads(path.read_text(encoding="utf-8")).values():
+                    out += _split_sentences(example["origin_prompt"].replace("NEWLINE_CHAR", " "))
+    held_out = set()
+    for task in ("sst2", "qnli"):
+        if (root / task / "dev.tsv").exists():
+            held_out.update(read_sentences(task, root))
+    out = [s.strip() for s in out if min_words <= len(s.split()) <= max_words and s.strip() not in held_out]
     if not out:
-        raise InputError(f"no training sentences of {min_words}-{max_words} words under {root} "
-                         "(looked for sst2/train.tsv, wmt16_en_de/*.en, pg_essays/*.txt); pass --data")
+        raise InputError(f"no training sentences of {min_words}-{max_words} words from {', '.join(sources)} under "
+                         f"{root} (looked for sst2/train.tsv, wmt16_en_de/*.en, pg_essays/*.txt, longbench/*.json); "
+                         "pass --data")
     return out
+
+
+def _split_sentences(text: str) -> list[str]:
+    """Running text -> sentences, split after . ? or ! followed by white space."""
+    return re.split(r"(?<=[.?!])\s+", re.sub(r"\s+", " ", text))
 
 
 def load_encoder(name_or_path: str):
@@ -136,7 +166,7 @@ def train_merge_distill(opts: MergeDistillOptions, out: str | Path, progress: bo
     student.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
 
-    sentences = training_sentences(opts.data, opts.min_words, opts.max_words)
+    sentences = training_sentences(opts.data, opts.min_words, opts.max_words, sources=tuple(opts.sources))
     random.Random(opts.seed).shuffle(sentences)
     data = Path(opts.data) if opts.data is not None else shared_data_dir()
     dev = {task: read_sentences(task, data, opts.dev_sentences) for task in ("sst2", "qnli")

@@ -12,10 +12,9 @@ mode, as it will at inference).
 Training text: sentences of 5-40 words from `sources`: SST-2's training file, WMT16's English side, the PG
 essays and the prose of the LongBench subset (Wikipedia passages, papers, reports, news, trivia and TREC
 questions). Any sentence that also occurs in SST-2's or QNLI's dev split, where fidelity is measured, is
-left out. The output folder holds the
-fine-tuned encoder (`save_pretrained`: config.json, model.safetensors, the tokenizer) and
-merge_distill.json (options, the trim configuration, cosine to the full model on dev sentences before and
-after). Load it with `AutoModel.from_pretrained(folder)` and trim it with the same configuration.
+left out. The output folder holds the fine-tuned encoder (`save_pretrained`: config.json, model.safetensors,
+the tokenizer) and merge_distill.json (options, the trim configuration, cosine to the full model on dev
+sentences before and after). Load it with `AutoModel.from_pretrained(folder)` and trim it with the same configuration.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from ..evaluation.embedding_fidelity import embedding_fidelity, mean_pool, read_
 from .data import shared_data_dir
 
 
-# training-text sources: name -> where it lies under the data folder
+# training-text sources, read from the data folder by `training_sentences`
 SOURCES = ("sst2", "wmt16", "pg_essays", "longbench")
 # LongBench tasks read for prose (code, dialogue and synthetic passage tasks left out)
 LONGBENCH_PROSE = ("hotpotqa", "2wikimqa", "multifieldqa_en", "qasper", "triviaqa", "gov_report", "multi_news", "trec")

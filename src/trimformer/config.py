@@ -49,7 +49,7 @@ class TrimConfig:
     decay: float = 0.9                      # accumulated attention = decay x old + new (heavy hitters)
     recent: int = 32                        # newest tokens never evicted
     score_every: int = 4                    # decoding steps between attention accumulations
-    evict_every: int = 8                    # decoding steps between evictions (the first step evicts too)
+    evict_every: int = 8                    # decoding steps between evictions
     readmit_every: int = 1                  # decoding steps between shadow-set checks (0 = never readmit)
     readmit_threshold: float = 3.0          # readmit a shadow token whose attention is >= this x uniform
     readmit_max: int = 32                   # at most this many readmissions per layer, row and check

@@ -1,12 +1,11 @@
 """Decode-time KV eviction with a shadow set (seed 000's runtime pruning), for the decoder adapter.
 
 Per layer and decoding step: the newest query's attention over the layer's cache (from its query and
-keys) is accumulated with decay per cache slot; on the first step (the prefill left the whole prompt
-cached) and then every `evict_every` steps the lowest-scoring slots beyond the budget (and any under
-the threshold) move, keys and values as they were, to the shadow set; every `readmit_every` steps the
-newest query is scored against the shadow keys and tokens it attends to strongly return to the cache at
-their original positions. With `readmit_layers`, only those layers check, and a token they bring back
-returns in every layer whose shadow set holds it.
+keys) is accumulated with decay per cache slot; every `evict_every` steps the lowest-scoring slots
+beyond the budget (and any under the threshold) move, keys and values as they were, to the shadow
+set; every `readmit_every` steps the newest query is scored against the shadow keys and tokens it
+attends to strongly return to the cache at their original positions. With `readmit_layers`, only those
+layers check, and a token they bring back returns in every layer whose shadow set holds it.
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ class RuntimeEviction:
             rt.scores[layer] = accumulate(previous, probe.scores, cfg.decay)
         # (between scoring steps the scores lag behind the slots; `_scores` pads them when needed)
         newest = live.positions[:, live.n_input - 1: live.n_input]                # (B, 1)
-        if state.steps % cfg.evict_every == 0 or state.steps == 1:   # step 1: the prefill left the whole prompt
+        if state.steps % cfg.evict_every == 0:
             self._evict(layer, cache, state, newest)
         if cfg.readmit_every and state.steps % cfg.readmit_every == 0 and probe is not None and self.checks(layer):
             extra = getattr(probe, "extra", None)

@@ -18,6 +18,7 @@ from .errors import InputError
 from .evaluation.needle import make_needle
 from .flops import decode_step_flops
 from .models.kv_buffer import kv_bytes, use_in_place
+from .models.cache_names import cache_kwargs, output_cache
 
 
 @dataclass
@@ -119,15 +120,15 @@ def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool =
     tokens/s counts all rows. `in_place` swaps the cache's layers for `InPlaceLayer`s after the prefill (a
     trimmed model that evicts does that itself)."""
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
     if in_place:
         use_in_place(cache)
     slots = [0] * len(cache.layers)
     elapsed = 0.0
     for _ in range(new_tokens):
         start = time.perf_counter()
-        out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
+        cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
         elapsed += time.perf_counter() - start
         for layer in range(len(slots)):   # untimed bookkeeping for the FLOPs ratio
             slots[layer] += cache.get_seq_length(layer)

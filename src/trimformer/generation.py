@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models.cache_names import cache_kwargs, output_cache
+
 
 @dataclass
 class Generation:
@@ -26,7 +28,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_i
     token = out.logits[:, -1].argmax(-1)
     ttft = time.perf_counter() - start
     tokens: list[int] = []
-    cache = out.past_key_values
+    cache = output_cache(out)
     mask = attention_mask
     for _ in range(max_new_tokens):
         if int(token[0]) in eos:
@@ -34,7 +36,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_i
         tokens.append(int(token[0]))
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token[:, None], attention_mask=mask, **cache_kwargs(cache), use_cache=True)
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1)
     return Generation(tokens, ttft, time.perf_counter() - start)

@@ -55,6 +55,19 @@ def _distribution_file(dist_name: str, suffix: str, hint: str) -> Path:
     raise ModelLoadError(f"no *{suffix} file found in the installed package {dist_name!r}; reinstall it with: {hint}")
 
 
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion `tmp` to `target`. A complete copy already there (another process
+    converted it meanwhile, and may be reading it) is kept and `tmp` left for the caller to remove; a
+    copy without config.json (broken by hand) is replaced."""
+    if target.exists() and not (target / "config.json").exists():
+        shutil.rmtree(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """De-quantize a GGUF file once and save it as safetensors (atomically: a temp folder renamed into place)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,9 +83,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        _move_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

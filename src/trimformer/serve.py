@@ -26,6 +26,7 @@ import torch
 from .api import stats, trim, untrim
 from .config import TrimConfig
 from .methods import get_method
+from .models.cache_names import cache_kwargs, output_cache
 
 MAX_BODY_BYTES = 16 << 20
 COMPLETION_DEFAULT_TOKENS = 16     # OpenAI's default max_tokens for /v1/completions
@@ -255,7 +256,7 @@ class Engine:
         with self._full_model_if_short(len(ids)):
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
             kept = stats(self.model)["kept_fraction"] if self.config and len(ids) >= self.shortest_trimmed else 1.0
-            cache = out.past_key_values
+            cache = output_cache(out)
             while len(tokens) < wanted:
                 token = pick(out.logits[0, -1], job.temperature, job.top_p, generator)
                 ttft = ttft if ttft is not None else time.perf_counter() - start
@@ -274,9 +275,9 @@ class Engine:
                     sent = ready
                 if job.cancelled.is_set() or len(tokens) == wanted:
                     break
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache,
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), **cache_kwargs(cache),
                                  use_cache=True)
-                cache = out.past_key_values
+                cache = output_cache(out)
         if len(text) > sent:
             job.events.put(("text", text[sent:]))
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, TrimformerError
+from .models.cache_names import output_cache
 
 PATCH_ATTR = "_trimformer_patch"
 STATE_ATTR = "_trimformer_state"
@@ -116,8 +117,8 @@ def token_depths(model, input_ids: torch.Tensor, output=None, row: int = 0) -> d
 
     Returns ``{"depth": (T,) layers each token went through (num_layers = never dropped), "group": (T,)
     merged group (encoders; -1 dropped, else the slot it ended in) or None, "num_layers": L}``.
-    Decoders: pass the forward's `output` (it carries ``past_key_values``, whose trimformer state records
-    the original position held by every layer's cache slots). Left padding is skipped."""
+    Decoders: pass the forward's `output` (its KV cache carries trimformer's state, which records the
+    original position held by every layer's cache slots). Left padding is skipped."""
     patch = _patch(model)
     if hasattr(patch, "family"):                                  # encoder
         state = patch.state
@@ -133,10 +134,10 @@ def token_depths(model, input_ids: torch.Tensor, output=None, row: int = 0) -> d
             depth = torch.where(owner < 0, torch.tensor(0), depth)
         length = int(state.lengths[row])
         return {"depth": depth[:length], "group": owner[:length], "num_layers": n_layers}
-    cache = getattr(output, "past_key_values", None) if output is not None else None
+    cache = output_cache(output) if output is not None else None
     tstate = getattr(cache, STATE_ATTR, None) if cache is not None else None
     if tstate is None:
-        raise InputError("for a decoder, pass output=model(..., use_cache=True): its past_key_values carry "
+        raise InputError("for a decoder, pass output=model(..., use_cache=True): its KV cache carries "
                          "the kept positions")
     t = input_ids.shape[-1]
     n_layers = len(tstate.slots)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from . import metrics
+from ..models.cache_names import cache_kwargs, output_cache
 
 FORMAT = "trimformer-eval/1"
 FULL = "full"
@@ -254,12 +255,12 @@ class TrimformerBackend:
 
         def prefill():
             out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            state["cache"] = out.past_key_values
+            state["cache"] = output_cache(out)
             return out.logits
 
         def step(token, i):
-            out = model(input_ids=token, past_key_values=state["cache"], use_cache=True)
-            state["cache"] = out.past_key_values
+            out = model(input_ids=token, **cache_kwargs(state["cache"]), use_cache=True)
+            state["cache"] = output_cache(out)
             return out.logits
 
         if variant.method == FULL:

@@ -26,6 +26,7 @@ from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import last_query_attention, newest_query_attention, span_max_pool
 from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .cache_names import cache_from
 from .hooks import Hooks
 from .kv_buffer import use_in_place
 from .runtime import RuntimeEviction, new_runtime_state
@@ -172,7 +173,7 @@ class DecoderPatch:
         ref = input_ids if input_ids is not None else embeds
         batch, length = ref.shape[0], ref.shape[1]
         device = ref.device
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and mask2d.dim() != 2:
@@ -267,7 +268,7 @@ class DecoderPatch:
             hidden = args[0] if args else kwargs["hidden_states"]
             device = execution_device(module, hidden.device)
             live.to(device)
-            cache = kwargs.get("past_key_values")
+            cache = cache_from(kwargs)
             previous = state.slots[layer].to(device) if cache is not None and state.slots[layer] is not None else None
             if previous is not None and previous.positions.shape[1] != cache.get_seq_length(layer):
                 raise InputError(
@@ -356,7 +357,7 @@ class DecoderPatch:
                 if live.prefill:
                     self.runtime.after_prefill(layer, self.state, probe)
                 else:
-                    self.runtime.after_decode(layer, kwargs.get("past_key_values"), self.state, live, probe)
+                    self.runtime.after_decode(layer, cache_from(kwargs), self.state, live, probe)
             if live.prefill and layer in self.plan:
                 return self._prune(layer, output, probe)
             if probe is not None and self.revive and layer in self.plan:

@@ -51,6 +51,7 @@ from ..merging import (
 from ..methods import Method, ScoreInputs
 from ..policy import mass_counts, ratio_counts, select
 from ..scoring import span_max_pool
+from .cache_names import drop_cache_kwargs
 from .hooks import Hooks
 
 ENCODER_ARCHITECTURES = ("BertModel (and Bert*For* heads)", "ViTModel / ViTForImageClassification",
@@ -90,7 +91,7 @@ class Family:
         if self.name == "bert":
             from transformers.pytorch_utils import apply_chunking_to_forward
 
-            out, _ = layer.attention(hidden, mask, past_key_values=None, **kwargs)
+            out, _ = layer.attention(hidden, mask, **kwargs)
             out = reduce(out)
             return apply_chunking_to_forward(
                 layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, out)
@@ -418,8 +419,9 @@ class EncoderPatch:
                 return original(hidden_states, attention_mask, *args, **kwargs)
             if live.owner is None:
                 self._start_rows(hidden_states)
-            for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
+            for name in ("encoder_hidden_states", "encoder_attention_mask"):
                 kwargs.pop(name, None)
+            drop_cache_kwargs(kwargs)
             if self.unmerging:
                 return self._unmerge_layer(index, layer, hidden_states, attention_mask, kwargs, original)
             bias = None
@@ -608,7 +610,7 @@ class EncoderPatch:
             return out
         q_tokens = kv_tokens = n
         if attn_mode == "none":
-            h, _ = layer.attention(x, attention_mask, past_key_values=None, **kwargs)
+            h, _ = layer.attention(x, attention_mask, **kwargs)
         else:
             m, xm, size, gone = self._block_merge(x, ra)
             merged += int(gone.sum())

@@ -1,0 +1,45 @@
+"""The KV cache's keyword across transformers releases.
+
+transformers 5.24 renamed the cache argument of models and layers from ``past_key_values`` to ``cache``
+(the old name still works at the model level, with a deprecation warning, until 5.40), and model outputs
+carry it as ``.cache``. Hooks see the keywords exactly as the caller passed them, so they read both names;
+trimformer's own calls pass the name the installed release expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+_NAMES = ("cache", "past_key_values")
+
+
+def cache_from(kwargs: dict[str, Any]) -> Any:
+    """The KV cache in a forward's keyword arguments under either name, or None."""
+    for name in _NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the name the installed transformers expects."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output returned (``.cache`` from 5.24 on, ``.past_key_values`` before), or None."""
+    for name in _NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def drop_cache_kwargs(kwargs: dict[str, Any]) -> None:
+    """Remove the cache keyword under either name (for layers that must run without one)."""
+    for name in _NAMES:
+        kwargs.pop(name, None)

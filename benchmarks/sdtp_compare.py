@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import trimformer
 from trimformer.evaluation.needle import found, make_needle
+from trimformer.models.cache_names import cache_kwargs, output_cache
 
 DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -31,19 +32,19 @@ def run(model, ids, max_new: int, eos: int):
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     ttft = time.perf_counter() - start
-    state = getattr(out.past_key_values, "_trimformer_state", None)
+    state = getattr(output_cache(out), "_trimformer_state", None)
     live = None
     if state is not None:
         slots = state.slots[-1]
         live = set(slots.positions[0][slots.valid[0]].tolist())
     token = logits.argmax(-1)
-    tokens, cache = [], out.past_key_values
+    tokens, cache = [], output_cache(out)
     for _ in range(max_new):
         if int(token[0]) == eos:
             break
         tokens.append(int(token[0]))
-        out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1)
     return tokens, logits, ttft, live
 

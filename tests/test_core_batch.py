@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import trimformer
+from trimformer.models.cache_names import cache_kwargs
 from conftest import left_pad, make_model, make_prompt, right_pad, row_positions, trim_state
 
 LAYERS = 6
@@ -100,7 +101,7 @@ def test_left_padded_batch_manual_decode_never_validates_padding(llama):
         token = out.logits[:, -1].argmax(-1)
         for _ in range(3):
             mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-            out = llama(token[:, None], attention_mask=mask, past_key_values=out.past_key_values)
+            out = llama(token[:, None], attention_mask=mask, **cache_kwargs(out.past_key_values))
             token = out.logits[:, -1].argmax(-1)
     state = trim_state(out)
     for layer in range(LAYERS):

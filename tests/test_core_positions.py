@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import trimformer
+from trimformer.models.cache_names import cache_kwargs
 from conftest import keys_by_hand, make_model, make_prompt, row_positions, trim_state
 
 
@@ -82,7 +83,7 @@ def test_decoded_token_key_at_next_position(llama, prompt100):
         with torch.no_grad():
             out = llama(prompt100)
             token = out.logits[:, -1].argmax(-1)
-            out = llama(token[:, None], past_key_values=out.past_key_values)
+            out = llama(token[:, None], **cache_kwargs(out.past_key_values))
     finally:
         handle.remove()
     state = trim_state(out)
@@ -102,7 +103,7 @@ def test_revived_token_key_at_original_position(llama, prompt100, layer):
         aux_before = trim_state(out).aux[layer]
         hidden_before = aux_before.hidden.clone()
         token = out.logits[:, -1].argmax(-1)
-        out = llama(token[:, None], past_key_values=out.past_key_values)
+        out = llama(token[:, None], **cache_kwargs(out.past_key_values))
     state = trim_state(out)
     entry = state.aux[layer]
     assert torch.equal(entry.hidden, hidden_before)   # aux hidden states are not touched by revival

@@ -9,6 +9,7 @@ import torch
 
 import trimformer
 from trimformer.flops import prefill_flops
+from trimformer.models.cache_names import cache_kwargs
 from conftest import expected_counts, make_model, make_prompt, row_positions, trim_state
 
 LAYERS = 6
@@ -243,7 +244,7 @@ def _decode(model, out, steps: int):
     token = out.logits[:, -1].argmax(-1)
     sizes = []
     for _ in range(steps):
-        out = model(token[:, None], past_key_values=cache)
+        out = model(token[:, None], **cache_kwargs(cache))
         cache = out.past_key_values
         token = out.logits[:, -1].argmax(-1)
         sizes.append([cache.layers[layer].keys.shape[2] for layer in range(LAYERS)])

@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer
 import trimformer
 from trimformer.cache import ShadowLayer
 from trimformer.flops import decode_step_flops, layer_linear_flops_per_token
+from trimformer.models.cache_names import cache_kwargs
 from trimformer.models.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
 from trimformer.policy import compaction_moves, eviction_mask
 
@@ -26,7 +27,7 @@ def _greedy(model, ids, steps, in_place):
         logits = [out.logits[:, -1]]
         for _ in range(steps):
             token = logits[-1].argmax(-1)
-            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.cat(logits), cache
 

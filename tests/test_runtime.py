@@ -8,6 +8,7 @@ from conftest import assert_unpatched, left_pad, make_model, make_prompt
 
 import trimformer
 from trimformer import ConfigError, TokenPruner
+from trimformer.models.cache_names import cache_kwargs
 
 
 def _decode(model, ids, steps, mask=None):
@@ -19,7 +20,7 @@ def _decode(model, ids, steps, mask=None):
         for _ in range(steps - 1):
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token[:, None], attention_mask=mask, **cache_kwargs(cache), use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
             tokens.append(token)
     return torch.stack(tokens, 1), cache
@@ -58,7 +59,7 @@ def _step_logits(model, ids, steps, mask=None):
             token = logits[-1].argmax(-1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+            out = model(input_ids=token[:, None], attention_mask=mask, **cache_kwargs(out.past_key_values),
                         use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
@@ -146,11 +147,11 @@ def test_readmit_layers_bring_tokens_back_in_every_layer(llama):
         out = llama(input_ids=ids, use_cache=True)
         cache = out.past_key_values
         for _ in range(2):
-            out = llama(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = llama(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True)
         state = cache._trimformer_state
         shadow_before = [set(s.positions[0][s.valid[0]].tolist()) for s in state.runtime.shadow]
         width_before = [s.positions.shape[1] for s in state.slots]
-        llama(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        llama(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True)
     newest = ids.shape[1] + 2                       # the token of step 3 (layers after 2 get it after the rest)
     added = [state.slots[layer].positions[0, width_before[layer]:] for layer in range(6)]
     asked = set(added[2].tolist()) - {newest}

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import trimformer
 from trimformer.api import PATCH_ATTR
 from trimformer.models.attention_hook import PROBE_KWARG
+from trimformer.models.cache_names import cache_kwargs
 from trimformer.scoring.learned import PrunerConfig, TokenPruner, model_signature
 
 LAYERS = 6
@@ -101,7 +102,7 @@ def _trace(model, ids, mask) -> tuple[torch.Tensor, list[torch.Tensor], torch.Te
     for _ in range(STEPS):
         tokens.append(token)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, **cache_kwargs(cache), use_cache=True)
         cache = out.past_key_values
         steps.append(out.logits[:, -1])
         token = out.logits[:, -1].argmax(-1)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 
 import pytest
 import torch
 
 import trimformer
+from trimformer.bench import bench_decode, write_json
 from trimformer.evaluation.needle import found, make_needle
 from trimformer.generation import greedy
 
@@ -83,3 +85,30 @@ def test_needles_found_by_full_model_are_found_by_default_lazy(model):
     assert sum(full) >= 7, f"the full model should find most needles, found {full}"
     missed = [d for d, f, t in zip(NEEDLE_DEPTHS, full, trimmed) if f and not t]
     assert not missed, f"default lazy missed needles at depths {missed} that the full model found"
+
+
+def test_bench_decode_writes_the_issue_schema_and_a_ceiling_of_the_same_cache_size(model, tmp_path):
+    """`bench decode` (issue: runtime token pruning): the issue's JSON fields, ratios from the rows
+    themselves, a smaller trimmed cache, and a ceiling run whose cache averages the trimmed run's size."""
+    model, tokenizer = model
+    config = trimformer.TrimConfig(method="runtime", budget=0.5)
+    row = bench_decode(model, tokenizer, prompt_length=1024, new_tokens=24, config=config, repeats=1, warmup=1,
+                       progress=False)
+    write_json([row], tmp_path / "out.json")
+    result = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    schema = {"method": str, "budget": float, "full_tokens_per_s": float, "trimmed_tokens_per_s": float,
+              "speedup": float, "full_kv_bytes": int, "trimmed_kv_bytes": int, "peak_rss_bytes": int}
+    for key, kind in schema.items():
+        assert type(result[key]) is kind, (key, result[key])
+    assert (result["method"], result["budget"]) == ("runtime", 0.5)
+    assert result["speedup"] == pytest.approx(result["trimmed_tokens_per_s"] / result["full_tokens_per_s"])
+    assert result["ceiling_speedup"] == pytest.approx(result["ceiling_tokens_per_s"] / result["full_tokens_per_s"])
+    assert result["trimmed_kv_bytes"] < 0.75 * result["full_kv_bytes"]
+    # 7 steps on the whole prompt, then about half of the 1024 + step tokens: the ceiling prompt is cut so
+    # that its cache (prompt + step slots after each step) averages the same number of slots
+    assert 520 < result["trimmed_mean_slots"] < 800
+    assert result["ceiling_prompt_length"] == round(result["trimmed_mean_slots"] - 12.5)
+    assert abs(result["ceiling_mean_slots"] - result["trimmed_mean_slots"]) <= 0.5
+    assert not trimformer.is_trimmed(model)
+    with pytest.raises(trimformer.InputError, match="new_tokens"):
+        bench_decode(model, tokenizer, prompt_length=256, new_tokens=0, config=config, progress=False)

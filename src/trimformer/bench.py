@@ -105,6 +105,14 @@ class DecodeRow:
     speedup_vs_in_place: float         # trimmed / full_in_place: what eviction itself buys
     flop_ratio: float                  # full / trimmed FLOPs per decoded token (mean over the run)
     batch: int = 1                     # rows decoded together (tokens/s count every row)
+    # the ceiling: the unpatched model with the in-place cache on the prompt's last `ceiling_prompt_length`
+    # tokens, so that its cache averages as many slots as the trimmed run's; what eviction could give at
+    # most, with no scoring, eviction or readmission work (None when the trimmed cache is not smaller)
+    ceiling_tokens_per_s: float | None = None
+    ceiling_speedup: float | None = None       # ceiling / full
+    ceiling_prompt_length: int | None = None
+    trimmed_mean_slots: float = 0.0            # cached slots a step attends to, mean over layers and steps
+    ceiling_mean_slots: float | None = None
 
 
 @dataclass
@@ -135,22 +143,33 @@ def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool =
     return DecodeRun(input_ids.shape[0] * new_tokens / elapsed, kv_bytes(cache), [s / new_tokens for s in slots])
 
 
+def ceiling_prompt_length(trimmed_mean_slots: float, new_tokens: int) -> int:
+    """Prompt tokens whose cache averages `trimmed_mean_slots` slots over `new_tokens` steps (P + i slots
+    after step i, as `decode_run` counts them), at least 1."""
+    return max(1, round(trimmed_mean_slots - (new_tokens + 1) / 2))
+
+
 def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: TrimConfig,
                  repeats: int = 2, warmup: int = 1, batch: int = 1, progress: bool = True) -> DecodeRow:
     """Decoding throughput in one process, alternating after a warm-up (medians): the unpatched model with
-    transformers' cache, the unpatched model with in-place cache layers, and the trimmed model. `batch` rows
-    of `prompt_length` tokens each (needle prompts, the needle at a different depth in each row)."""
+    transformers' cache, the unpatched model with in-place cache layers, the trimmed model, and the ceiling
+    (the unpatched model, in-place cache, on a prompt cut to the trimmed run's mean cache size: what halving
+    the cache gives with no eviction work). `batch` rows of `prompt_length` tokens each (needle prompts,
+    the needle at a different depth in each row)."""
     import resource
 
     if batch < 1:
         raise InputError(f"batch must be a positive number of rows, got {batch}")
+    if new_tokens < 1:
+        raise InputError(f"new_tokens must be at least 1, got {new_tokens}")
     depths = [(0.5 + 0.618 * row) % 1.0 for row in range(batch)]          # row 0 at the middle
     ids = torch.cat([make_needle(tokenizer, prompt_length, depth=d, seed=prompt_length + row).input_ids
                      for row, d in enumerate(depths)])                       # (batch, prompt_length)
-    speeds: dict[str, list[float]] = {"full": [], "in_place": [], "trimmed": []}
+    speeds: dict[str, list[float]] = {"full": [], "in_place": [], "trimmed": [], "ceiling": []}
     last: dict[str, DecodeRun] = {}
+    ceiling_length = None
     for rep in tqdm(range(warmup + repeats), desc="bench decode", disable=not progress):
-        steps = new_tokens if rep >= warmup else 8
+        steps = new_tokens if rep >= warmup else min(8, new_tokens)
         last["full"] = decode_run(model, ids, steps)
         last["in_place"] = decode_run(model, ids, steps, in_place=True)
         trim(model, config)
@@ -158,24 +177,37 @@ def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: 
             last["trimmed"] = decode_run(model, ids, steps)
         finally:
             untrim(model)
+        # the ceiling's prompt from this run's mean cache size (the warm-up's short run gives a rough one)
+        ceiling_length = ceiling_prompt_length(statistics.mean(last["trimmed"].mean_slots), steps)
+        last.pop("ceiling", None)
+        if ceiling_length < prompt_length:
+            last["ceiling"] = decode_run(model, ids[:, -ceiling_length:], steps, in_place=True)
         if rep >= warmup:
             for name, run in last.items():
                 speeds[name].append(run.tokens_per_s)
     f, p, t = (statistics.median(speeds[name]) for name in ("full", "in_place", "trimmed"))
+    c = statistics.median(speeds["ceiling"]) if speeds["ceiling"] else None
     flop_ratio = decode_step_flops(model.config, last["full"].mean_slots) / \
         decode_step_flops(model.config, last["trimmed"].mean_slots)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return DecodeRow(config.method, config.budget, f, t, t / f, last["full"].kv_bytes, last["trimmed"].kv_bytes,
-                     peak, p, t / p, flop_ratio, batch)
+                     peak, p, t / p, flop_ratio, batch,
+                     ceiling_tokens_per_s=c, ceiling_speedup=c / f if c is not None else None,
+                     ceiling_prompt_length=ceiling_length if c is not None else None,
+                     trimmed_mean_slots=statistics.mean(last["trimmed"].mean_slots),
+                     ceiling_mean_slots=statistics.mean(last["ceiling"].mean_slots) if c is not None else None)
 
 
 def format_decode_table(rows: list[DecodeRow]) -> str:
     head = (f"{'method':>14} {'budget':>7} {'batch':>6} {'full tok/s':>11} {'in-place tok/s':>15} {'trimmed tok/s':>14} "
-            f"{'speedup':>8} {'vs in-place':>12} {'flop ratio':>11} {'KV full MB':>11} {'KV trimmed MB':>14}")
+            f"{'speedup':>8} {'vs in-place':>12} {'ceiling tok/s':>14} {'ceiling':>8} {'flop ratio':>11} "
+            f"{'KV full MB':>11} {'KV trimmed MB':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        ceiling = (f"{r.ceiling_tokens_per_s:>14.2f} {r.ceiling_speedup:>7.2f}x" if r.ceiling_tokens_per_s is not None
+                   else f"{'-':>14} {'-':>8}")
         lines.append(f"{r.method:>14} {str(r.budget):>7} {r.batch:>6} {r.full_tokens_per_s:>11.2f} {r.full_in_place_tokens_per_s:>15.2f} "
-                     f"{r.trimmed_tokens_per_s:>14.2f} {r.speedup:>7.2f}x {r.speedup_vs_in_place:>11.2f}x "
+                     f"{r.trimmed_tokens_per_s:>14.2f} {r.speedup:>7.2f}x {r.speedup_vs_in_place:>11.2f}x {ceiling} "
                      f"{r.flop_ratio:>10.2f}x {r.full_kv_bytes / 1e6:>11.1f} {r.trimmed_kv_bytes / 1e6:>14.1f}")
     return "\n".join(lines)
 

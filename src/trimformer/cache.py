@@ -14,14 +14,23 @@ class LayerSlots:
 
     positions: torch.Tensor  # (B, K) long: original position of each slot
     valid: torch.Tensor      # (B, K) bool: False for padding and filler slots (always masked)
+    known_all_valid: bool | None = None  # `valid.all()` when already known (None: not looked at yet)
 
-    def extend(self, positions: torch.Tensor, valid: torch.Tensor) -> "LayerSlots":
-        return LayerSlots(torch.cat([self.positions, positions], 1), torch.cat([self.valid, valid], 1))
+    def all_valid(self) -> bool:
+        """Whether every slot is valid (looked at once per LayerSlots: `valid` is never changed in place)."""
+        if self.known_all_valid is None:
+            self.known_all_valid = bool(self.valid.all())
+        return self.known_all_valid
+
+    def extend(self, positions: torch.Tensor, valid: torch.Tensor, all_valid: bool | None = None) -> "LayerSlots":
+        """These slots followed by `positions` / `valid` (B, N); `all_valid` says `valid.all()` if known."""
+        both = self.known_all_valid and all_valid if None not in (self.known_all_valid, all_valid) else None
+        return LayerSlots(torch.cat([self.positions, positions], 1), torch.cat([self.valid, valid], 1), both)
 
     def to(self, device: torch.device) -> "LayerSlots":
         if self.positions.device == device:
             return self
-        return LayerSlots(self.positions.to(device), self.valid.to(device))
+        return LayerSlots(self.positions.to(device), self.valid.to(device), self.known_all_valid)
 
 
 @dataclass
@@ -65,7 +74,7 @@ class TrimState:
         state.next_position = torch.full((batch,), lengths[0], device=device)
         for layer, k in enumerate(lengths):
             pos = torch.arange(k, device=device).expand(batch, k)
-            state.slots[layer] = LayerSlots(pos, torch.ones(batch, k, dtype=torch.bool, device=device))
+            state.slots[layer] = LayerSlots(pos, torch.ones(batch, k, dtype=torch.bool, device=device), True)
         return state
 
     def waiting_in_aux(self) -> int:

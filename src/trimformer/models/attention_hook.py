@@ -10,6 +10,7 @@ scoring costs no second pass over the keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,6 +71,7 @@ def _wrap(original: str) -> Callable:
     return attention
 
 
+@functools.cache
 def _eager() -> Callable:
     from transformers.models.llama.modeling_llama import eager_attention_forward
 

@@ -48,17 +48,26 @@ class _Live:
     n_input: int              # input tokens of this forward (revived tokens come after them)
     prefill: bool
     in_order: bool = True     # slots sorted by position with no past: the plain causal mask holds
+    _n_valid: int | None = None  # valid.sum(), counted once per change of `valid` (every layer reads it)
+
+    def n_valid(self) -> int:
+        if self._n_valid is None:
+            self._n_valid = int(self.valid.sum())
+        return self._n_valid
+
+    def all_valid(self) -> bool:
+        return self.n_valid() == self.valid.numel()
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> None:
         self.positions = self.positions.gather(1, index)
         self.source = self.source.gather(1, index)
         self.cos = _gather_rows(self.cos, index)
         self.sin = _gather_rows(self.sin, index)
-        self.valid = valid
+        self.valid, self._n_valid = valid, None
 
     def extend(self, positions, valid, cos, sin) -> None:
         self.positions = torch.cat([self.positions, positions], 1)
-        self.valid = torch.cat([self.valid, valid], 1)
+        self.valid, self._n_valid = torch.cat([self.valid, valid], 1), None
         self.source = torch.cat([self.source, torch.full_like(positions, -1)], 1)
         self.cos = torch.cat([self.cos, cos], 1)
         self.sin = torch.cat([self.sin, sin], 1)
@@ -276,9 +285,9 @@ class DecoderPatch:
                     f"tracked {previous.positions.shape[1]}: was it changed outside the trimmed model?"
                 )
             if previous is None:
-                keys = LayerSlots(live.positions, live.valid)
+                keys = LayerSlots(live.positions, live.valid, live.all_valid())
             else:
-                keys = previous.extend(live.positions, live.valid)
+                keys = previous.extend(live.positions, live.valid, live.all_valid())
             if cache is not None:
                 state.slots[layer] = keys
                 if getattr(cache, STATE_ATTR, None) is not state:
@@ -286,7 +295,7 @@ class DecoderPatch:
             if live.prefill:
                 state.computed[layer] += live.valid.sum(-1).cpu()
             if state.runtime is not None:
-                state.runtime.seen[layer] += int(live.valid.sum())
+                state.runtime.seen[layer] += live.n_valid()
 
             kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module)
             kwargs["position_embeddings"] = (live.cos, live.sin)
@@ -303,8 +312,7 @@ class DecoderPatch:
         original position: a query sees valid keys at or before its position, and its own slot.
         Bool for SDPA; additive (0 / dtype min) for eager attention, which applies no causal mask itself."""
         q = live.positions.shape[1]
-        all_valid = bool(keys.valid.all())
-        if self._kernel == "sdpa" and all_valid and ((live.in_order and not has_past) or q == 1):
+        if self._kernel == "sdpa" and keys.all_valid() and ((live.in_order and not has_past) or q == 1):
             return None
         k = keys.positions.shape[1]
         allowed = keys.valid[:, None, :] & (keys.positions[:, None, :] <= live.positions[:, :, None])

@@ -14,7 +14,7 @@ from trimformer.cache import ShadowLayer
 from trimformer.flops import decode_step_flops, layer_linear_flops_per_token
 from trimformer.models.cache_names import cache_kwargs
 from trimformer.models.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
-from trimformer.policy import compaction_moves, eviction_mask
+from trimformer.policy import compaction_moves, eviction_mask, grouped_compaction_moves
 
 
 def _greedy(model, ids, steps, in_place):
@@ -70,6 +70,13 @@ def test_in_place_layer_shrinks_after_a_large_cut_and_follows_outside_replacemen
     keys, _ = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
     assert layer._key_buffer.shape[2] == 301 + 64                                 # mostly empty: given back
     assert torch.equal(keys[:, :, :300], k[:, :, :300]) and bool((keys[:, :, 300] == 1).all())
+    buffer = layer._key_buffer                                                    # 301 slots in 365
+    layer.keys, layer.values = layer.keys[:, :, :250], layer.values[:, :, :250]   # 251 + 2 spares >= 365:
+    layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))                  # kept
+    assert layer._key_buffer is buffer
+    layer.keys, layer.values = layer.keys[:, :, :200], layer.values[:, :, :200]   # 201 + 2 spares < 365: given
+    keys, _ = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))        # back (not mostly empty)
+    assert layer._key_buffer.shape[2] == 201 + 64 and torch.equal(keys[:, :, :200], k[:, :, :200])
     replaced = torch.randn(1, 2, 10, 4)                                           # e.g. a beam reorder
     layer.keys, layer.values = replaced, replaced.clone()
     keys, _ = layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
@@ -149,6 +156,22 @@ def test_compaction_moves_nothing_when_the_holes_are_at_the_end():
     keep = torch.tensor([[True, True, True, False, False]])
     width, dst, src = compaction_moves(keep)
     assert width == 3 and dst.shape == (1, 0) and src.shape == (1, 0)
+
+
+def test_grouped_compaction_moves_equal_each_group_alone():
+    # 3 groups of 2 rows (e.g. 3 layers' caches of a 2-row batch, stacked), each packing into its own width
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.rand(6, 40, generator=generator) < torch.tensor([0.9, 0.3, 0.5, 0.5, 0.2, 0.95])[:, None]
+    keep[2:4, 30:] = False                                             # a narrower layer, padded on the right
+    widths, moves, dst, src = grouped_compaction_moves(keep, 2)
+    for g in range(3):
+        rows = slice(2 * g, 2 * g + 2)
+        width, want_dst, want_src = compaction_moves(keep[rows])
+        assert widths[g] == width and moves[g] == want_dst.shape[1]
+        assert torch.equal(dst[rows, : moves[g]], want_dst) and torch.equal(src[rows, : moves[g]], want_src)
+        # the columns after a group's own pairs copy a slot onto itself
+        assert torch.equal(dst[rows, moves[g]:], src[rows, moves[g]:])
+    assert widths == [int(keep[r: r + 2].sum(-1).max()) for r in (0, 2, 4)]
 
 
 # ---- ShadowLayer ---------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_unpatched, left_pad, make_model, make_prompt
 
 import trimformer
 from trimformer import ConfigError, TokenPruner
+from trimformer.api import PATCH_ATTR
 from trimformer.models.cache_names import cache_kwargs
 
 
@@ -115,6 +118,36 @@ def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):
         assert torch.equal(shadow.values[0][:, shadow.valid[0]], ref_values[0][:, pos])
         # the cache keeps the budget: ceil(0.5 * tokens seen) live slots
         assert int(state.slots[layer].valid.sum()) == -(-(100 + state.steps) // 2)
+
+
+def test_evicting_layers_together_equals_one_at_a_time(llama):
+    # lazy+runtime on a padded batch: layers of different widths and rows with filler, stacked for one
+    # selection; the result must be what evicting each layer alone gives
+    ids, mask = left_pad([make_prompt(120, seed=8)[0], make_prompt(90, seed=9)[0]])
+    trimformer.trim(llama, method="lazy+runtime", budget=40, evict_every=1000, readmit_every=0, recent=4)
+    _, cache = _decode(llama, ids, 6, mask=mask)
+    runtime = getattr(llama, PATCH_ATTR).runtime
+    state = cache._trimformer_state
+    widths = {state.slots[layer].positions.shape[1] for layer in range(len(cache.layers))}
+    assert len(widths) > 1, "the prefill pruning should leave layers of different widths"
+    newest = torch.tensor([[state.next_position.max().item() - 1]] * 2)
+    together, alone = copy.deepcopy((cache, state)), copy.deepcopy((cache, state))
+    layers = list(range(len(cache.layers)))
+    runtime._evict(layers, together[0], together[1], newest)
+    for layer in layers:
+        runtime._evict([layer], alone[0], alone[1], newest)
+    assert sum(together[1].runtime.evicted) > 0
+    for layer in layers:
+        a, b = together[1].slots[layer], alone[1].slots[layer]
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.valid, b.valid)
+        assert torch.equal(together[1].runtime.scores[layer], alone[1].runtime.scores[layer])
+        assert torch.equal(together[0].layers[layer].keys, alone[0].layers[layer].keys)
+        assert torch.equal(together[0].layers[layer].values, alone[0].layers[layer].values)
+        sa, sb = together[1].runtime.shadow[layer], alone[1].runtime.shadow[layer]
+        assert (sa is None) == (sb is None)
+        if sa is not None:
+            assert torch.equal(sa.positions, sb.positions) and torch.equal(sa.keys, sb.keys)
+    assert together[1].runtime.evicted == alone[1].runtime.evicted
 
 
 def test_readmission_restores_exact_keys_at_their_positions(llama):
@@ -229,6 +262,7 @@ def test_batch_rows_equal_rows_alone(llama):
     {"pruning_threshold": -1}, {"readmit_threshold": -0.5}, {"shadow_size": -1},
     {"shadow_dtype": "int8"}, {"evict_every": 0}, {"method": "runtime+runtime"},
     {"readmit_layers": []}, {"readmit_layers": 3}, {"readmit_layers": [1, -1]}, {"readmit_layers": [6]},
+    {"method": "lazy+runtime", "revive": True},   # revival reads slots that eviction moves
 ])
 def test_bad_runtime_options_raise(llama, bad):
     options = {"method": "runtime", **bad}

@@ -149,6 +149,7 @@ class RuntimeState:
     evicted: list[int] = field(default_factory=list)
     readmitted: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)                # layers to evict at the next flush
 
     def __post_init__(self) -> None:
         for name in ("scores", "shadow"):

@@ -88,12 +88,29 @@ def compaction_moves(keep: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tenso
     ``src == dst`` (a slot copied onto itself). After the moves, the first ``width`` slots hold every kept
     slot of each row (rows keeping fewer have holes left there, to be masked as filler).
     """
-    width = int(keep.sum(-1).max()) if keep.numel() else 0
-    tail = keep[:, width:]                                                       # (B, K - width)
-    n_moves = tail.sum(-1)                                                       # (B,)
-    m = int(n_moves.max()) if n_moves.numel() else 0
+    widths, moves, dst, src = grouped_compaction_moves(keep, keep.shape[0])
+    return widths[0], dst, src
+
+
+def grouped_compaction_moves(keep: torch.Tensor, group: int) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+    """`compaction_moves` for G groups of `group` consecutive rows at once (e.g. the rows of G layers' caches,
+    stacked): each group packs into its own width.
+
+    keep (G * group, K) bool -> ``widths`` and ``moves`` (G ints: the group's width and its most moves in a
+    row), ``dst`` and ``src`` (G * group, max moves). A group's pairs are its rows' first ``moves[g]``
+    columns: exactly what `compaction_moves` gives that group's rows alone (the columns after them copy a
+    slot onto itself).
+    """
+    counts = keep.sum(-1)                                                        # (R,) kept per row
+    widths_t = counts.view(-1, group).amax(-1) if keep.shape[0] else counts      # (G,)
+    before = torch.arange(keep.shape[1], device=keep.device) < widths_t.repeat_interleave(group)[:, None]
+    tail = keep & ~before                                                        # kept slots at or after the width
+    n_moves = tail.sum(-1)                                                       # (R,)
+    moves_t = n_moves.view(-1, group).amax(-1) if keep.shape[0] else n_moves     # (G,)
+    widths, moves = torch.stack([widths_t, moves_t]).tolist()                    # one sync
+    m = max(moves, default=0)
     first = lambda mask: torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :m]
-    dst = first(~keep[:, :width])                                                # (B, M) holes, in slot order
-    src = first(tail) + width                                                    # (B, M) kept tail slots
+    dst = first(~keep & before)                                                  # (R, M) holes, in slot order
+    src = first(tail)                                                            # (R, M) kept tail slots
     needed = torch.arange(m, device=keep.device)[None, :] < n_moves[:, None]
-    return width, dst, torch.where(needed, src, dst)
+    return widths, moves, dst, torch.where(needed, src, dst)

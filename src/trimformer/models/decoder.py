@@ -144,6 +144,12 @@ class DecoderPatch:
         self.method = method
         self.plan = plan
         self.revive = method.revive_default if config.revive is None else config.revive
+        if self.revive and method.evicts and method.prunes_prefill:
+            raise ConfigError(
+                f"revive=True cannot be combined with {method.name!r}: revival finds a pruned prompt token by its "
+                "slot in the layer's KV cache, and decode-time eviction moves those slots. Use revive=False (the "
+                "runtime's shadow set brings evicted tokens back) or the prefill method alone"
+            )
         self.score = method.build_scorer(config, model, plan) if method.prunes_prefill else None
         self.runtime = RuntimeEviction(config, len(model.model.layers)) if method.evicts else None
         self.num_layers = len(self.base.layers)
@@ -241,6 +247,8 @@ class DecoderPatch:
         self.live = None
         if live is None:
             return output
+        if self.runtime is not None and not live.prefill:
+            self.runtime.flush(cache_from(kwargs), state, live)     # layers that evict after the last check
         hidden = output.last_hidden_state                     # (B, Q_live, D), already normed
         if live.prefill and state.aux:
             hidden = self._restore_prompt_order(hidden, live, state)

@@ -32,7 +32,8 @@ class InPlaceLayer(DynamicLayer):
 
     def _fits(self, needed: int) -> bool:
         """True when `keys` / `values` are still the leading slots of the buffers (nothing outside replaced
-        them, e.g. a beam reorder), the buffers have room for `needed` slots, and are not mostly empty."""
+        them, e.g. a beam reorder), the buffers have room for `needed` slots, and no more than two spares
+        beyond them (an eviction that freed more gets its memory back at the next update)."""
         buffer = getattr(self, "_key_buffer", None)
         if buffer is None or self.keys.numel() == 0:
             return False
@@ -40,7 +41,7 @@ class InPlaceLayer(DynamicLayer):
         leading = (self.keys.data_ptr() == buffer.data_ptr() and self.keys.stride() == buffer.stride()
                    and self.values.data_ptr() == self._value_buffer.data_ptr()
                    and self.values.stride() == self._value_buffer.stride())
-        return leading and needed <= capacity <= 2 * needed + _spare(needed)
+        return leading and needed <= capacity <= needed + 2 * _spare(needed)
 
     def _reallocate(self, used: int, needed: int, like: torch.Tensor) -> None:
         shape = (like.shape[0], like.shape[1], needed + _spare(needed), like.shape[3])

@@ -17,7 +17,7 @@ import torch
 from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
 from ..config import TrimConfig
 from ..errors import ConfigError
-from ..policy import compaction_moves, eviction_mask
+from ..policy import eviction_mask, grouped_compaction_moves
 from ..scoring import accumulate, last_query_attention, shadow_attention, single_query_softmax
 from .attention_hook import Probe
 from .kv_buffer import InPlaceLayer
@@ -38,6 +38,18 @@ def _move_slots(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
     dst = dst.to(x.device)
     for row, index, values in zip(x, dst, moved):
         row.index_copy_(1, index, values)
+
+
+def _stack_rows(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+    """G tensors (B, K_i) -> (G * B, max K_i): stacked rows, each padded on the right with `fill`."""
+    width = max(t.shape[1] for t in tensors)
+    if all(t.shape[1] == width for t in tensors):
+        return torch.cat(tensors)
+    b = tensors[0].shape[0]
+    out = tensors[0].new_full((len(tensors) * b, width), fill)
+    for i, t in enumerate(tensors):
+        out[i * b: (i + 1) * b, : t.shape[1]] = t
+    return out
 
 
 def _first_where(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -120,16 +132,26 @@ class RuntimeEviction:
             previous = rt.scores[layer] if rt.scores[layer] is not None else probe.scores[:, :0]
             rt.scores[layer] = accumulate(previous, probe.scores, cfg.decay)
         # (between scoring steps the scores lag behind the slots; `_scores` pads them when needed)
-        newest = live.positions[:, live.n_input - 1: live.n_input]                # (B, 1)
         if state.steps % cfg.evict_every == 0:
-            self._evict(layer, cache, state, newest)
+            rt.pending.append(layer)
         if cfg.readmit_every and state.steps % cfg.readmit_every == 0 and probe is not None and self.checks(layer):
+            self.flush(cache, state, live)             # this layer's check sees what it and the layers before evicted
             extra = getattr(probe, "extra", None)
             back = self._readmit(layer, cache, state, extra) if extra is not None else None
             if back is not None and self.readmit_layers is not None:
                 for other in range(self.num_layers):
                     if other != layer:
                         self._readmit_positions(other, cache, state, *back)
+
+    def flush(self, cache, state: TrimState, live) -> None:
+        """Evict in the layers that ran since the last flush, together (at a checking layer and at the end of
+        the forward). Nothing else reads or changes a layer's cache between its attention and the next flush,
+        so this is the same as evicting after each layer, with one selection for all of them."""
+        rt = state.runtime
+        if rt.pending:
+            newest = live.positions[:, live.n_input - 1: live.n_input]             # (B, 1)
+            layers, rt.pending = rt.pending, []
+            self._evict(layers, cache, state, newest)
 
     # ---- eviction ----------------------------------------------------------------------------
     def _target(self, state: TrimState, device) -> torch.Tensor:
@@ -153,42 +175,56 @@ class RuntimeEviction:
             state.runtime.scores[layer] = scores
         return scores
 
-    def _evict(self, layer: int, cache, state: TrimState, newest: torch.Tensor) -> None:
+    def _evict(self, layers: list[int], cache, state: TrimState, newest: torch.Tensor) -> None:
+        """Evict in `layers`. The slots of the layers on one device are stacked, (G * B, K), so the selection,
+        what moves to the shadow set and how the caches compact are found once for all of them; then each
+        layer moves its own keys and values."""
         rt, cfg = state.runtime, self.config
         if cfg.budget is None and cfg.pruning_threshold == 0:
             return
-        slots, scores = state.slots[layer], self._scores(layer, state)
-        protected = slots.valid & (
-            (slots.positions < cfg.sinks) | (slots.positions > newest - cfg.recent)
-        )
-        target = self._target(state, scores.device)
-        evict = eviction_mask(scores, slots.valid, protected, target, cfg.pruning_threshold)
-        counts = evict.sum(-1).tolist()                                         # per row, one sync
-        if max(counts) == 0:
-            return
-        layer_cache = cache.layers[layer]
-        keep = slots.valid & ~evict
-        # evicted keys and values move to the shadow set, untouched
-        moved = _first_where(evict, max(counts))
-        self._to_shadow(layer, state, ShadowLayer(
-            keys=_gather_slots(layer_cache.keys, moved),
-            values=_gather_slots(layer_cache.values, moved),
-            positions=slots.positions.gather(1, moved),
-            valid=evict.gather(1, moved),
-            scores=scores.gather(1, moved),
-        ))
-        rt.evicted[layer] += sum(counts)
-        # the cache keeps the rest: kept slots from the end fill the holes, then the tensors are cut to
-        # `width` (views; the next update's concatenation copies them anyway). Rows keeping fewer slots
-        # are left with masked filler.
-        width, dst, src = compaction_moves(keep)
-        for name in ("keys", "values"):
-            tensor = getattr(layer_cache, name)
-            _move_slots(tensor, dst, src)
-            setattr(layer_cache, name, tensor[:, :, :width])
-        moves = lambda x: x.scatter(1, dst, x.gather(1, src))[:, :width]       # (B, K) -> (B, width)
-        state.slots[layer] = LayerSlots(moves(slots.positions), moves(keep))
-        rt.scores[layer] = moves(scores)
+        by_device: dict[torch.device, list[int]] = {}
+        for layer in layers:
+            by_device.setdefault(state.slots[layer].positions.device, []).append(layer)
+        for device, group in by_device.items():
+            b, g = newest.shape[0], len(group)
+            positions = _stack_rows([state.slots[layer].positions for layer in group], 0)   # (G * B, K)
+            valid = _stack_rows([state.slots[layer].valid for layer in group], False)
+            scores = _stack_rows([self._scores(layer, state) for layer in group], 0.0)
+            protected = valid & (
+                (positions < cfg.sinks) | (positions > newest.to(device).repeat(g, 1) - cfg.recent)
+            )
+            target = self._target(state, device).repeat(g)
+            evict = eviction_mask(scores, valid, protected, target, cfg.pruning_threshold)
+            counts = evict.view(g, b, -1).sum(-1).tolist()                                 # (G, B), one sync
+            if not any(map(any, counts)):
+                continue
+            keep = valid & ~evict
+            moved = _first_where(evict, max(map(max, counts)))          # (G * B, M) evicted slots first
+            gone = [x.gather(1, moved) for x in (positions, evict, scores)]   # their positions, validity, scores
+            widths, moves, dst, src = grouped_compaction_moves(keep, b)
+            after = lambda x: x.scatter(1, dst, x.gather(1, src))          # (G * B, K), then cut per layer
+            positions, keep, scores = after(positions), after(keep), after(scores)
+            for i, layer in enumerate(group):
+                if not any(counts[i]):
+                    continue
+                rows, n = slice(i * b, (i + 1) * b), max(counts[i])
+                layer_cache = cache.layers[layer]
+                # evicted keys and values move to the shadow set, untouched
+                self._to_shadow(layer, state, ShadowLayer(
+                    keys=_gather_slots(layer_cache.keys, moved[rows, :n]),
+                    values=_gather_slots(layer_cache.values, moved[rows, :n]),
+                    positions=gone[0][rows, :n], valid=gone[1][rows, :n], scores=gone[2][rows, :n],
+                ))
+                rt.evicted[layer] += sum(counts[i])
+                # the cache keeps the rest: kept slots from the end fill the holes, then the tensors are cut to
+                # the layer's width (views). Rows keeping fewer slots are left with masked filler.
+                width, m = widths[i], moves[i]
+                for name in ("keys", "values"):
+                    tensor = getattr(layer_cache, name)
+                    _move_slots(tensor, dst[rows, :m], src[rows, :m])
+                    setattr(layer_cache, name, tensor[:, :, :width])
+                state.slots[layer] = LayerSlots(positions[rows, :width], keep[rows, :width])
+                rt.scores[layer] = scores[rows, :width]
 
     def _to_shadow(self, layer: int, state: TrimState, entry: ShadowLayer) -> None:
         rt, cfg = state.runtime, self.config

@@ -200,7 +200,7 @@ class RuntimeEviction:
                 continue
             keep = valid & ~evict
             moved = _first_where(evict, max(map(max, counts)))          # (G * B, M) evicted slots first
-            gone = [x.gather(1, moved) for x in (positions, evict, scores)]   # their positions, validity, scores
+            gone_positions, gone_valid, gone_scores = (x.gather(1, moved) for x in (positions, evict, scores))
             widths, moves, dst, src = grouped_compaction_moves(keep, b)
             after = lambda x: x.scatter(1, dst, x.gather(1, src))          # (G * B, K), then cut per layer
             positions, keep, scores = after(positions), after(keep), after(scores)
@@ -213,7 +213,7 @@ class RuntimeEviction:
                 self._to_shadow(layer, state, ShadowLayer(
                     keys=_gather_slots(layer_cache.keys, moved[rows, :n]),
                     values=_gather_slots(layer_cache.values, moved[rows, :n]),
-                    positions=gone[0][rows, :n], valid=gone[1][rows, :n], scores=gone[2][rows, :n],
+                    positions=gone_positions[rows, :n], valid=gone_valid[rows, :n], scores=gone_scores[rows, :n],
                 ))
                 rt.evicted[layer] += sum(counts[i])
                 # the cache keeps the rest: kept slots from the end fill the holes, then the tensors are cut to

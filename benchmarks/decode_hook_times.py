@@ -47,7 +47,7 @@ def timed(name: str, function):
 def instrument() -> None:
     """Wrap the hooks and runtime functions (before the model is trimmed, so the hooks it installs are the
     wrapped ones)."""
-    for name, label in (("_evict", "eviction (per flush)"), ("_evict_slots", "eviction moves (per layer)"),
+    for name, label in (("_evict", "eviction (per flush)"), ("_to_shadow", "eviction: to the shadow set"),
                         ("_readmit", "readmission check"), ("_readmit_positions", "bring back in another layer")):
         setattr(runtime.RuntimeEviction, name, timed(label, getattr(runtime.RuntimeEviction, name)))
     for name, label in (("_on_start", "base-model pre-hook"), ("_on_end", "base-model post-hook")):

@@ -100,6 +100,30 @@ def test_single_query_softmax_matches_sdpa():
     logits = torch.einsum("bhd,bhkd->bhk", query[:, :, 0], expand(key)) * 0.35
     ref_lse = torch.logsumexp(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)   # (2, 6)
     assert torch.allclose(lse.reshape(2, 6), ref_lse, atol=1e-5)
+    # every key allowed (None) and no log-sum-exp asked for: the same softmax as an all-True mask
+    probs_all, no_lse = single_query_softmax(query, key, 0.35, None, with_lse=False)
+    assert no_lse is None
+    assert torch.equal(probs_all, single_query_softmax(query, key, 0.35, torch.ones_like(allowed))[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_move_slots_on_a_view_of_a_larger_buffer(batch):
+    from trimformer.models.runtime import _move_slots
+
+    generator = torch.Generator().manual_seed(batch)
+    buffer = torch.randn(batch, 2, 20, 4, generator=generator)
+    x = buffer[:, :, :15]                                   # (B, Hkv, 15, hd): a cache's view of its buffer
+    dst = torch.stack([torch.randperm(15, generator=generator)[:5] for _ in range(batch)])    # distinct per row
+    src = torch.randint(0, 15, (batch, 5), generator=generator)
+    src[:, 1] = dst[:, 0]                                   # a slot written, then read by a later pair: read first
+    expected = x.clone()
+    for b in range(batch):
+        for j in range(5):
+            expected[b, :, dst[b, j]] = x[b, :, src[b, j]]
+    spare = buffer[:, :, 15:].clone()
+    _move_slots(x, dst, src)
+    assert torch.equal(x, expected)
+    assert torch.equal(buffer[:, :, 15:], spare)            # nothing outside the view is touched
 
 
 def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):

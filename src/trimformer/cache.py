@@ -116,11 +116,12 @@ class ShadowLayer:
             self._positions = _grown(self._positions, 1, n, capacity)
             self._valid = _grown(self._valid, 1, n, capacity)
             self._scores = _grown(self._scores, 1, n, capacity)
-        self._keys[:, :, n: n + extra] = other.keys.to(self._keys.device)
-        self._values[:, :, n: n + extra] = other.values.to(self._values.device)
-        self._positions[:, n: n + extra] = other.positions.to(self._positions.device)
-        self._valid[:, n: n + extra] = other.valid.to(self._valid.device)
-        self._scores[:, n: n + extra] = other.scores.to(self._scores.device)
+        # (slice assignment copies across devices and dtypes itself)
+        self._keys[:, :, n: n + extra] = other.keys
+        self._values[:, :, n: n + extra] = other.values
+        self._positions[:, n: n + extra] = other.positions
+        self._valid[:, n: n + extra] = other.valid
+        self._scores[:, n: n + extra] = other.scores
         self.size = n + extra
 
     def bytes(self) -> int:

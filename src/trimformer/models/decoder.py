@@ -341,7 +341,7 @@ class DecoderPatch:
             step = self.state.steps
             readmits = cfg.readmit_every and step % cfg.readmit_every == 0 and self.runtime.checks(layer)
             if step % cfg.score_every == 0 or readmits:
-                return self.runtime.decode_probe(live, keys)
+                return self.runtime.decode_probe(live, keys, keep_query=bool(readmits))
             return None
         if layer not in self.plan:
             return None

@@ -23,21 +23,33 @@ from .attention_hook import Probe
 from .kv_buffer import InPlaceLayer
 
 
+def _on(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x` on `device` (and in `dtype`), with no call at all when it already is (a decoding step makes
+    hundreds of these; a no-op `.to` still costs a dispatch)."""
+    if x.device == device and (dtype is None or x.dtype == dtype):
+        return x
+    return x.to(device=device, dtype=dtype)
+
+
 def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, Hkv, K, hd), index (B, K') -> (B, Hkv, K', hd). (index_select per row: a few times faster
     than `gather` with an expanded index on CPU.)"""
-    index = index.to(x.device)
+    index = _on(index, x.device)
     if x.shape[0] == 1:
         return x.index_select(2, index[0])
     return torch.stack([row.index_select(1, i) for row, i in zip(x, index)])
 
 
 def _move_slots(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """In place: slot src[b, j] of x (B, Hkv, K, hd) is copied to slot dst[b, j]."""
-    moved = _gather_slots(x, src)                                             # (B, Hkv, M, hd), a copy
-    dst = dst.to(x.device)
-    for row, index, values in zip(x, dst, moved):
-        row.index_copy_(1, index, values)
+    """In place: slot src[b, j] of x (B, Hkv, K, hd) is copied to slot dst[b, j] (every source is read before
+    any slot is written; the slots of a row's `dst` are distinct). Indexed assignment: on the cache's views
+    of larger buffers, `index_copy_` takes several times longer."""
+    dst, src = _on(dst, x.device), _on(src, x.device)
+    if x.shape[0] == 1:
+        x[:, :, dst[0]] = x[:, :, src[0]]                                     # (1, Hkv, M, hd)
+        return
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]                 # (B, 1)
+    x[rows, :, dst] = x[rows, :, src]                                         # (B, M, Hkv, hd)
 
 
 def _stack_rows(tensors: list[torch.Tensor], fill) -> torch.Tensor:
@@ -91,29 +103,36 @@ class RuntimeEviction:
 
         return Probe(scorer, index)
 
-    def decode_probe(self, live, keys: LayerSlots) -> Probe:
-        """Newest query's attention (mean over heads) over the cache, keeping its query and log-sum-exp.
-        For a single query it also computes the layer's attention output from the same softmax."""
+    def decode_probe(self, live, keys: LayerSlots, keep_query: bool) -> Probe:
+        """Newest query's attention (mean over heads) over the cache; with `keep_query` (the layer checks its
+        shadow set this step) also its query and log-sum-exp. For a single query it also computes the
+        layer's attention output from the same softmax."""
         index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
         q_pos = live.positions.gather(1, index)
         probe = Probe(None, index)
 
         def softmax(query, key, scaling):
-            # query (B, H, 1, hd), key (B, Hkv, K, hd) -> probs (B, Hkv, G, K); keeps query and lse (B, H)
+            # query (B, H, 1, hd), key (B, Hkv, K, hd) -> probs (B, Hkv, G, K), NaN in a row with no key
+            # allowed; keeps query and lse (B, H) when asked
             allowed = keys.valid & (keys.positions <= q_pos)                                    # (B, K)
-            probs, lse = single_query_softmax(query, key, scaling, allowed)
-            probe.extra = {"query": query.detach(), "lse": lse.reshape(lse.shape[0], -1), "scaling": scaling}
+            probs, lse = single_query_softmax(query, key, scaling, allowed, with_lse=keep_query)
+            if keep_query:
+                probe.extra = {"query": query.detach(), "lse": lse.reshape(lse.shape[0], -1), "scaling": scaling}
             return probs
 
+        def mean_over_heads(probs):                                                             # -> (B, K)
+            return probs.mean(dim=(1, 2)) if keys.all_valid() else probs.nan_to_num(0.0).mean(dim=(1, 2))
+
         def scorer(query, key, scaling):
-            return softmax(query, key, scaling).nan_to_num(0.0).mean(dim=(1, 2))               # (B, K)
+            return mean_over_heads(softmax(query, key, scaling))
 
         def attend(query, key, value, scaling):
             # value (B, Hkv, K, hd) -> output (B, 1, H, hd), scores (B, K)
             probs = softmax(query, key, scaling)
             b, h, _, hd = query.shape
-            output = torch.matmul(probs.to(value.dtype), value).reshape(b, h, 1, hd).transpose(1, 2)
-            return output, probs.nan_to_num(0.0).mean(dim=(1, 2))
+            weights = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+            output = torch.matmul(weights, value).reshape(b, h, 1, hd).transpose(1, 2)
+            return output, mean_over_heads(probs)
 
         probe.scorer, probe.attend = scorer, attend
         return probe
@@ -155,7 +174,7 @@ class RuntimeEviction:
 
     # ---- eviction ----------------------------------------------------------------------------
     def _target(self, state: TrimState, device) -> torch.Tensor:
-        seen = state.prompt_lengths.to(device) + state.steps                      # (B,) tokens of each row
+        seen = _on(state.prompt_lengths, device) + state.steps                      # (B,) tokens of each row
         budget = self.config.budget
         if budget is None:
             return torch.full_like(seen, 1 << 62)
@@ -191,7 +210,7 @@ class RuntimeEviction:
             valid = _stack_rows([state.slots[layer].valid for layer in group], False)
             scores = _stack_rows([self._scores(layer, state) for layer in group], 0.0)
             protected = valid & (
-                (positions < cfg.sinks) | (positions > newest.to(device).repeat(g, 1) - cfg.recent)
+                (positions < cfg.sinks) | (positions > _on(newest, device).repeat(g, 1) - cfg.recent)
             )
             target = self._target(state, device).repeat(g)
             evict = eviction_mask(scores, valid, protected, target, cfg.pruning_threshold)
@@ -230,8 +249,8 @@ class RuntimeEviction:
         rt, cfg = state.runtime, self.config
         device = torch.device(cfg.shadow_device) if cfg.shadow_device else entry.keys.device
         dtype = self.shadow_dtype or entry.keys.dtype
-        entry = ShadowLayer(entry.keys.to(device=device, dtype=dtype), entry.values.to(device=device, dtype=dtype),
-                            entry.positions.to(device), entry.valid.to(device), entry.scores.to(device))
+        entry = ShadowLayer(_on(entry.keys, device, dtype), _on(entry.values, device, dtype),
+                            _on(entry.positions, device), _on(entry.valid, device), _on(entry.scores, device))
         if rt.shadow[layer] is None:
             rt.shadow[layer] = entry
         else:
@@ -280,10 +299,10 @@ class RuntimeEviction:
             return None
         shadow, slots = state.runtime.shadow[layer], state.slots[layer]
         device = cache.layers[layer].keys.device
-        keys = shadow.keys.to(device=device)
+        keys = _on(shadow.keys, device)
         attention = shadow_attention(extra["query"], keys, extra["scaling"], extra["lse"])   # (B, N)
         n_live = slots.valid.sum(-1, keepdim=True)                  # (B, 1) >= 1: the newest token is live
-        wanted = shadow.valid.to(device) & (attention * n_live >= self.config.readmit_threshold)
+        wanted = _on(shadow.valid, device) & (attention * n_live >= self.config.readmit_threshold)
         if not bool(wanted.any()):                                  # most checks: one look, nothing comes back
             return None
         width = min(self.config.readmit_max, int(wanted.sum(-1).max()))
@@ -300,13 +319,13 @@ class RuntimeEviction:
             return
         shadow = state.runtime.shadow[layer]
         device = shadow.positions.device
-        hit = (shadow.positions[:, :, None] == positions.to(device)[:, None, :]) & chosen.to(device)[:, None, :]
+        hit = (shadow.positions[:, :, None] == _on(positions, device)[:, None, :]) & _on(chosen, device)[:, None, :]
         wanted = shadow.valid & hit.any(-1)                                              # (B, N)
         width = int(wanted.sum(-1).max())
         if width == 0:
             return
         top = _first_where(wanted, width)                                                # (B, R')
-        own_score = (hit.float() * score.to(device, torch.float32)[:, None, :]).amax(-1)  # (B, N)
+        own_score = (hit.float() * _on(score, device, torch.float32)[:, None, :]).amax(-1)  # (B, N)
         self._bring_back(layer, cache, state, top, wanted.gather(1, top), own_score.gather(1, top))
 
     def _bring_back(self, layer: int, cache, state: TrimState, top: torch.Tensor, chosen: torch.Tensor,
@@ -317,11 +336,11 @@ class RuntimeEviction:
         shadow, slots = rt.shadow[layer], state.slots[layer]
         layer_cache = cache.layers[layer]
         device, dtype = layer_cache.keys.device, layer_cache.keys.dtype
-        top_s = top.to(shadow.valid.device)
-        back_keys = _gather_slots(shadow.keys, top_s).to(device=device, dtype=dtype)      # (B, Hkv, R, hd)
-        back_values = _gather_slots(shadow.values, top_s).to(device=device, dtype=dtype)
-        positions = shadow.positions.gather(1, top_s).to(device)                          # (B, R)
-        chosen = chosen.to(device)
+        top_s = _on(top, shadow.valid.device)
+        back_keys = _on(_gather_slots(shadow.keys, top_s), device, dtype)                 # (B, Hkv, R, hd)
+        back_values = _on(_gather_slots(shadow.values, top_s), device, dtype)
+        positions = _on(shadow.positions.gather(1, top_s), device)                        # (B, R)
+        chosen = _on(chosen, device)
         scores = self._scores(layer, state)                           # aligned with the slots before the return
         if isinstance(layer_cache, InPlaceLayer):
             layer_cache.update(back_keys, back_values)
@@ -329,8 +348,8 @@ class RuntimeEviction:
             layer_cache.keys = torch.cat([layer_cache.keys, back_keys], 2)
             layer_cache.values = torch.cat([layer_cache.values, back_values], 2)
         state.slots[layer] = slots.extend(positions, chosen)
-        rt.scores[layer] = torch.cat([scores, score.to(scores.device, scores.dtype)], 1)
-        shadow.valid.scatter_(1, top_s, shadow.valid.gather(1, top_s) & ~chosen.to(shadow.valid.device))
+        rt.scores[layer] = torch.cat([scores, _on(score, scores.device, scores.dtype)], 1)
+        shadow.valid.scatter_(1, top_s, shadow.valid.gather(1, top_s) & ~_on(chosen, shadow.valid.device))
         rt.readmitted[layer] += int(chosen.sum())
         # the readmitted slots stay in the shadow tensors as invalid filler until `_bound` compacts them
         return positions

@@ -28,19 +28,24 @@ def single_query_softmax(
     query: torch.Tensor,    # (B, H, 1, hd) one post-RoPE query per row
     key: torch.Tensor,      # (B, Hkv, K, hd) post-RoPE keys (cache included)
     scaling: float,
-    allowed: torch.Tensor,  # (B, K) bool: keys the query may look at
-) -> tuple[torch.Tensor, torch.Tensor]:  # probs (B, Hkv, G, K) float, lse (B, Hkv, G, 1)
+    allowed: torch.Tensor | None,  # (B, K) bool: keys the query may look at (None: every key)
+    with_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # probs (B, Hkv, G, K) float, lse (B, Hkv, G, 1) or None
     """Softmax attention of one query per row over its keys, grouped by KV head (GQA: head i uses KV head
-    i // G), with the log-sum-exp of the logits. One matmul on the keys as they are; no copy of them.
-    (Scaling is folded into the query and the mask is skipped when every key is allowed: a decoding step
-    calls this per layer, so each pass over the (B, Hkv, G, K) logits counts.)"""
+    i // G), with the log-sum-exp of the logits when `with_lse`. One matmul on the keys as they are; no copy
+    of them. (Scaling is folded into the query and the mask is skipped when every key is allowed: a
+    decoding step calls this per layer, so each pass over the (B, Hkv, G, K) logits counts.)"""
     b, h, _, hd = query.shape
     hkv = key.shape[1]
     q = query.reshape(b, hkv, h // hkv, hd) * scaling                               # (B, Hkv, G, hd)
-    logits = torch.matmul(q, key.transpose(-1, -2)).float()                         # (B, Hkv, G, K)
-    if not bool(allowed.all()):
+    logits = torch.matmul(q, key.transpose(-1, -2))                                 # (B, Hkv, G, K)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if allowed is not None and not bool(allowed.all()):
         logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if not with_lse:
+        return probs, None
     # lse = max logit - log(max prob): the largest prob is exp(max - lse) >= 1 / K, so this is exact to rounding
     lse = logits.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()
     return probs, lse

@@ -107,8 +107,7 @@ class RuntimeEviction:
         """Newest query's attention (mean over heads) over the cache; with `keep_query` (the layer checks its
         shadow set this step) also its query and log-sum-exp. For a single query it also computes the
         layer's attention output from the same softmax."""
-        index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
-        q_pos = live.positions.gather(1, index)
+        index, q_pos = live.newest()                                                            # (B, 1) each
         probe = Probe(None, index)
 
         def softmax(query, key, scaling):

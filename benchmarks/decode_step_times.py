@@ -1,7 +1,9 @@
 """Per-step decode times of `runtime` configurations against the in-place cache, by step phase.
 
 Prefills one needle prompt, then times each of `--steps` greedy decode steps, for the unpatched model with
-the in-place cache and for each configuration, in alternating rounds. Prints the summed time of all steps,
+the in-place cache, for each configuration, and for the ceiling (the unpatched model, in-place cache, on the
+prompt's last `--length // 2 + 16` tokens: about a 0.5 budget's cache, with no scoring, eviction or
+readmission work), in alternating rounds. Prints the summed time of all steps,
 then the mean step time and the median per step index modulo 8 (eviction runs every 8 steps by default, so
 the 8 columns show what each kind of step costs); those two leave out the first 16 steps (the first
 eviction halves the cache at step 8).
@@ -74,6 +76,9 @@ def main() -> None:
                 print(f"{json.dumps(config):60s} {summary(step_times(model, ids, args.steps, False))}", flush=True)
             finally:
                 untrim(model)
+        ceiling = ids[:, -(args.length // 2 + 16):]
+        print(f"{f'ceiling: unpatched, in-place, last {ceiling.shape[1]} tokens':60s} "
+              f"{summary(step_times(model, ceiling, args.steps, True))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,17 @@ def test_move_slots_on_a_view_of_a_larger_buffer(batch):
     assert torch.equal(buffer[:, :, 15:], spare)            # nothing outside the view is touched
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_slots_on_a_view_of_a_larger_buffer(batch):
+    from trimformer.models.runtime import _gather_slots
+
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 2, 20, 4, generator=generator)[:, :, :15]      # (B, Hkv, 15, hd)
+    index = torch.randint(0, 15, (batch, 6), generator=generator)
+    expected = torch.stack([x[b][:, index[b]] for b in range(batch)])      # (B, Hkv, 6, hd)
+    assert torch.equal(_gather_slots(x, index), expected)
+
+
 def test_eviction_moves_exact_keys_and_values_to_the_shadow_set(llama):
     ids = make_prompt(100, seed=4)
     reference = _untrimmed_keys(llama, ids)

@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--configs", default='[{"budget": 0.5}]', help="JSON list of runtime options")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together (needle prompts, as bench decode)")
     args = p.parse_args()
     if args.steps < SKIP + 8:
         raise SystemExit(f"--steps must be at least {SKIP + 8}: the first {SKIP} steps are not counted, "
@@ -67,7 +68,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     configs = json.loads(args.configs)
     model, tokenizer = load_model(args.model)
-    ids = make_needle(tokenizer, args.length, depth=0.5, seed=args.length).input_ids
+    ids = torch.cat([make_needle(tokenizer, args.length, depth=(0.5 + 0.618 * row) % 1.0, seed=args.length + row).input_ids
+                     for row in range(args.batch)])                  # (batch, length), the rows of `bench decode`
     for _ in range(args.rounds):
         print(f"{'in-place cache, no eviction':60s} {summary(step_times(model, ids, args.steps, True))}", flush=True)
         for config in configs:

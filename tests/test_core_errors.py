@@ -167,6 +167,26 @@ def test_four_d_mask_raises_input_error(llama):
     assert_unpatched(llama)
 
 
+@pytest.mark.parametrize("method", ["lazy", "runtime"])
+def test_cache_changed_outside_the_model_raises(llama, method):
+    from trimformer.models.cache_names import cache_kwargs, output_cache
+
+    trimformer.trim(llama, method=method, keep=0.5, layers=(1, 3)) if method == "lazy" else \
+        trimformer.trim(llama, method=method, budget=0.5)
+    with torch.no_grad():
+        out = llama(make_prompt(40, seed=35), use_cache=True)
+        cache = output_cache(out)
+        layer = cache.layers[2]
+        kept = layer.keys.shape[-2]
+        layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]     # one slot cut by hand
+        with pytest.raises(InputError) as info:
+            llama(make_prompt(1, seed=36), **cache_kwargs(cache), use_cache=True)
+    message = str(info.value)
+    assert "layer 2" in message and f"holds {kept - 1} slots" in message and f"tracked {kept}" in message
+    trimformer.untrim(llama)
+    assert_unpatched(llama)
+
+
 def test_retrim_replaces_the_old_patch(llama):
     ids = make_prompt(100, seed=35)
     trimformer.trim(llama, method="lazy", keep=0.5, layers=(1, 3))

@@ -167,12 +167,12 @@ def test_four_d_mask_raises_input_error(llama):
     assert_unpatched(llama)
 
 
-@pytest.mark.parametrize("method", ["lazy", "runtime"])
-def test_cache_changed_outside_the_model_raises(llama, method):
+@pytest.mark.parametrize("options", [dict(method="lazy", keep=0.5, layers=(1, 3)), dict(method="runtime", budget=0.5)],
+                         ids=["lazy", "runtime"])
+def test_cache_changed_outside_the_model_raises(llama, options):
     from trimformer.models.cache_names import cache_kwargs, output_cache
 
-    trimformer.trim(llama, method=method, keep=0.5, layers=(1, 3)) if method == "lazy" else \
-        trimformer.trim(llama, method=method, budget=0.5)
+    trimformer.trim(llama, **options)
     with torch.no_grad():
         out = llama(make_prompt(40, seed=35), use_cache=True)
         cache = output_cache(out)

@@ -26,7 +26,7 @@ from trimformer import trim, untrim
 from trimformer.evaluation.needle import make_needle
 from trimformer.loading import load_model
 from trimformer.models import attention_hook, decoder, runtime
-from trimformer.models.cache_names import cache_kwargs, output_cache
+from trimformer.patch.cache_names import cache_kwargs, output_cache
 
 TOTAL: collections.Counter = collections.Counter()   # seconds per timed name
 CALLS: collections.Counter = collections.Counter()

@@ -24,8 +24,8 @@ import torch
 from trimformer import trim, untrim
 from trimformer.evaluation.needle import make_needle
 from trimformer.loading import load_model
-from trimformer.models.cache_names import cache_kwargs, output_cache
-from trimformer.models.kv_buffer import use_in_place
+from trimformer.patch.cache_names import cache_kwargs, output_cache
+from trimformer.mechanisms.kv_buffer import use_in_place
 
 SKIP = 16
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import trimformer
 from trimformer.evaluation.needle import found, make_needle
-from trimformer.models.cache_names import cache_kwargs, output_cache
+from trimformer.patch.cache_names import cache_kwargs, output_cache
 
 DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 

@@ -170,7 +170,7 @@ def test_four_d_mask_raises_input_error(llama):
 @pytest.mark.parametrize("options", [dict(method="lazy", keep=0.5, layers=(1, 3)), dict(method="runtime", budget=0.5)],
                          ids=["lazy", "runtime"])
 def test_cache_changed_outside_the_model_raises(llama, options):
-    from trimformer.models.cache_names import cache_kwargs, output_cache
+    from trimformer.patch.cache_names import cache_kwargs, output_cache
 
     trimformer.trim(llama, **options)
     with torch.no_grad():

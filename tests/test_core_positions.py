@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import trimformer
-from trimformer.models.cache_names import cache_kwargs
+from trimformer.patch.cache_names import cache_kwargs
 from conftest import keys_by_hand, make_model, make_prompt, row_positions, trim_state
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import trimformer
-from trimformer.flops import prefill_flops
-from trimformer.models.cache_names import cache_kwargs
+from trimformer.ops.flops import prefill_flops
+from trimformer.patch.cache_names import cache_kwargs
 from conftest import expected_counts, make_model, make_prompt, row_positions, trim_state
 
 LAYERS = 6

@@ -10,18 +10,14 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 import trimformer
 from trimformer.config import TrimConfig, default_layers
-from trimformer.flops import attention_flops, layer_linear_flops_per_token, prefill_flops
-from trimformer.policy import mass_counts, ratio_counts, select
-from trimformer.scoring import (
-    accumulate,
-    head_tail_scores,
-    last_query_attention,
-    newest_query_attention,
-    random_scores,
-    recency_scores,
-    shadow_attention,
-    span_max_pool,
-)
+from trimformer.ops.flops import attention_flops, layer_linear_flops_per_token, prefill_flops
+from trimformer.ops.select import mass_counts, ratio_counts, select
+from trimformer.ops.attention import accumulate, last_query_attention, newest_query_attention, shadow_attention
+from trimformer.ops.smoothing import span_max_pool
+from trimformer.scorers.base import ScoreInputs
+from trimformer.scorers.head_tail import HeadTail
+from trimformer.scorers.random import random_scores
+from trimformer.scorers.recency import Recency
 from conftest import TINY, make_model, make_prompt, row_positions, trim_state
 
 
@@ -244,7 +240,7 @@ def test_lazy_scores_match_eager_attention_of_the_model(monkeypatch):
     """End to end: the scores the attention wrapper computes at a pruning layer are the max (over heads and
     the last `window` queries) of that layer's real attention probabilities, and the first stage keeps the
     protected tokens plus the top-scored others (span=1: no pooling)."""
-    import trimformer.models.decoder as decoder
+    import trimformer.mechanisms.prefill as prefill
 
     ids = make_prompt(100, seed=41)
     reference_model = make_model("llama", attn="eager")
@@ -254,8 +250,8 @@ def test_lazy_scores_match_eager_attention_of_the_model(monkeypatch):
     reference = attentions[1][0, :, -window:, :].amax(dim=(0, 1))          # (100,)
 
     captured = []
-    original = decoder.span_max_pool
-    monkeypatch.setattr(decoder, "span_max_pool", lambda s, span: (captured.append(s.clone()), original(s, span))[1])
+    original = prefill.span_max_pool
+    monkeypatch.setattr(prefill, "span_max_pool", lambda s, span: (captured.append(s.clone()), original(s, span))[1])
     model = make_model("llama", attn="sdpa")
     trimformer.trim(model, method="lazy", keep=0.5, layers=(1,), window=window, span=1)
     with torch.no_grad():
@@ -272,14 +268,19 @@ def test_lazy_scores_match_eager_attention_of_the_model(monkeypatch):
 # ---- position scorers and random ----------------------------------------------------------------
 
 
+def _position_inputs(positions: torch.Tensor, lengths: torch.Tensor) -> ScoreInputs:
+    return ScoreInputs(layer=0, positions=positions, valid=torch.ones_like(positions, dtype=torch.bool),
+                       lengths=lengths, hidden=torch.zeros(*positions.shape, 1), attention=None, seed=0)
+
+
 def test_position_scorers():
     positions = torch.arange(10)[None]
-    assert recency_scores(positions).tolist() == [list(map(float, range(10)))]
-    assert head_tail_scores(positions, torch.tensor([10])).tolist() == [
+    assert Recency().score(_position_inputs(positions, torch.tensor([10]))).tolist() == [list(map(float, range(10)))]
+    assert HeadTail().score(_position_inputs(positions, torch.tensor([10]))).tolist() == [
         [0.0, -1.0, -2.0, -3.0, -4.0, -4.0, -3.0, -2.0, -1.0, 0.0]
     ]
     # per-row lengths
-    scores = head_tail_scores(torch.arange(6).expand(2, 6), torch.tensor([6, 4]))
+    scores = HeadTail().score(_position_inputs(torch.arange(6).expand(2, 6), torch.tensor([6, 4])))
     assert scores[1].tolist()[:4] == [0.0, -1.0, -1.0, 0.0]
 
 
@@ -348,7 +349,7 @@ def test_methods_registry():
 
 
 def test_hooks_remove_restores_the_module_exactly():
-    from trimformer.models.hooks import Hooks
+    from trimformer.patch.hooks import Hooks
 
     layer = torch.nn.Linear(3, 3)
     x = torch.randn(2, 3)

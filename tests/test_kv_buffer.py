@@ -10,11 +10,11 @@ from conftest import TINY, make_prompt
 from transformers.cache_utils import DynamicLayer
 
 import trimformer
-from trimformer.cache import ShadowLayer
-from trimformer.flops import decode_step_flops, layer_linear_flops_per_token
-from trimformer.models.cache_names import cache_kwargs
-from trimformer.models.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
-from trimformer.policy import compaction_moves, eviction_mask, grouped_compaction_moves
+from trimformer.mechanisms.state import ShadowLayer
+from trimformer.ops.flops import decode_step_flops, layer_linear_flops_per_token
+from trimformer.patch.cache_names import cache_kwargs
+from trimformer.mechanisms.kv_buffer import InPlaceLayer, kv_bytes, use_in_place
+from trimformer.ops.select import compaction_moves, eviction_mask, grouped_compaction_moves
 
 
 def _greedy(model, ids, steps, in_place):

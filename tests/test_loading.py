@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from trimformer.loading import _move_into_place
-from trimformer.models.cache_names import CACHE_KWARG, cache_from, cache_kwargs, drop_cache_kwargs, output_cache
+from trimformer.patch.cache_names import CACHE_KWARG, cache_from, cache_kwargs, drop_cache_kwargs, output_cache
 
 
 def _copy(folder, marker: str, complete: bool = True):

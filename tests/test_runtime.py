@@ -11,7 +11,7 @@ from conftest import assert_unpatched, left_pad, make_model, make_prompt
 import trimformer
 from trimformer import ConfigError, TokenPruner
 from trimformer.api import PATCH_ATTR
-from trimformer.models.cache_names import cache_kwargs
+from trimformer.patch.cache_names import cache_kwargs
 
 
 def _decode(model, ids, steps, mask=None):
@@ -82,7 +82,7 @@ def test_scoring_every_step_keeps_the_model_output(attn):
 
 
 def test_single_query_softmax_matches_sdpa():
-    from trimformer.scoring import single_query_softmax
+    from trimformer.ops.attention import single_query_softmax
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 6, 1, 8, generator=generator)                  # 6 heads over 2 KV heads
@@ -108,7 +108,7 @@ def test_single_query_softmax_matches_sdpa():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_move_slots_on_a_view_of_a_larger_buffer(batch):
-    from trimformer.models.runtime import _move_slots
+    from trimformer.mechanisms.eviction import _move_slots
 
     generator = torch.Generator().manual_seed(batch)
     buffer = torch.randn(batch, 2, 20, 4, generator=generator)
@@ -128,7 +128,7 @@ def test_move_slots_on_a_view_of_a_larger_buffer(batch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gather_slots_on_a_view_of_a_larger_buffer(batch):
-    from trimformer.models.runtime import _gather_slots
+    from trimformer.mechanisms.eviction import _gather_slots
 
     generator = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 2, 20, 4, generator=generator)[:, :, :15]      # (B, Hkv, 15, hd)
@@ -239,7 +239,7 @@ def test_readmit_layers_bring_tokens_back_in_every_layer(llama):
 
 
 def test_readmit_layers_auto_is_three_depths():
-    from trimformer.models.runtime import readmit_layers
+    from trimformer.mechanisms.eviction import readmit_layers
 
     assert readmit_layers("auto", 30) == {5, 15, 25}
     assert readmit_layers("auto", 6) == {1, 3, 5}

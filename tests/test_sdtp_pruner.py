@@ -12,7 +12,7 @@ import trimformer
 from conftest import expected_counts, make_model, make_prompt, trim_state
 from test_sdtp_saliency import CharTokenizer
 from trimformer.errors import ConfigError
-from trimformer.scoring.learned import PrunerConfig, TokenPruner, model_signature
+from trimformer.pruners.sdtp import PrunerConfig, SaliencyPruner, model_signature
 from trimformer.train.pruner import TrainOptions, normalise_saliency, ranking_loss, train_pruner
 from trimformer.train.saliency import run_saliency
 
@@ -75,7 +75,7 @@ def test_training_resumes_to_the_same_result(saliency_dir, tmp_path):
 
 def test_save_load_round_trip_gives_identical_scores(saliency_dir, tmp_path):
     pruner, _ = train_pruner(saliency_dir, tmp_path / "p", TrainOptions(epochs=1, pairs=64, hidden=8), progress=False)
-    loaded = TokenPruner.load(tmp_path / "p.safetensors")
+    loaded = SaliencyPruner.load(tmp_path / "p.safetensors")
     assert loaded.config.layers == [1, 3] and loaded.config.signature == pruner.config.signature
     hidden = torch.randn(2, 50, 64)
     for layer in (1, 3):
@@ -86,7 +86,7 @@ def test_save_load_round_trip_gives_identical_scores(saliency_dir, tmp_path):
 
 def _random_pruner(path, signature, layers, hidden=8):
     torch.manual_seed(0)
-    pruner = TokenPruner(PrunerConfig(signature=signature, layers=layers, hidden=hidden))
+    pruner = SaliencyPruner(PrunerConfig(signature=signature, layers=layers, hidden=hidden))
     pruner.save(path)
     return path
 
@@ -128,7 +128,7 @@ def test_sdtp_keeps_the_tokens_its_scores_rank_highest(tmp_path):
     model = make_model("llama")
     sig = model_signature(model.config)
     path = _random_pruner(tmp_path / "p", sig, [2])
-    pruner = TokenPruner.load(path)
+    pruner = SaliencyPruner.load(path)
     stage = pruner.stages["2"]
     with torch.no_grad():
         stage.fc1.weight.zero_()
@@ -164,14 +164,14 @@ def test_training_on_a_subset_of_sources(saliency_dir, tmp_path):
 def test_shipped_pruner_for_smollm2_is_the_default_and_small():
     from transformers import LlamaConfig
 
-    from trimformer.scoring.learned import default_pruner_path, shipped_pruners
+    from trimformer.pruners.sdtp import default_pruner_path, shipped_pruners
 
     assert "smollm2-135m" in shipped_pruners()
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3)
     path = default_pruner_path(config)
     assert path.name == "smollm2-135m.safetensors" and path.stat().st_size < 2_000_000
-    pruner = TokenPruner.load(path)
+    pruner = SaliencyPruner.load(path)
     pruner.check_model(config)
     pruner.check_plan({7: 0.4, 14: 0.5, 18: 0.5, 23: 0.5})    # the SmolLM2 preset schedule
     pruner.check_plan({4: 0.5, 8: 0.7})                        # the ~35%-by-the-last-layer schedule

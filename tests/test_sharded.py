@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import trimformer
 from trimformer.api import PATCH_ATTR
-from trimformer.models.attention_hook import PROBE_KWARG
-from trimformer.models.cache_names import cache_kwargs
-from trimformer.scoring.learned import PrunerConfig, TokenPruner, model_signature
+from trimformer.patch.attention_hook import PROBE_KWARG
+from trimformer.patch.cache_names import cache_kwargs
+from trimformer.pruners.sdtp import PrunerConfig, SaliencyPruner, model_signature
 
 LAYERS = 6
 STEPS = 6
@@ -61,7 +61,7 @@ def saved(tmp_path_factory):
     model = make_model("llama")
     model.save_pretrained(folder / "model")
     torch.manual_seed(0)
-    TokenPruner(PrunerConfig(signature=model_signature(model.config), layers=[1, 3], hidden=8)).save(folder / "pruner")
+    SaliencyPruner(PrunerConfig(signature=model_signature(model.config), layers=[1, 3], hidden=8)).save(folder / "pruner")
     return folder
 
 

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from trimformer import ConfigError, UnsupportedModelError, stats, trim, untrim
 from trimformer.evaluation.glue import load_classifier, matched_keep, ratio_kept_share, run_batches, tsdtp_options
 from trimformer.evaluation.glue_data import collate, length_batches, tokenize, Example
-from trimformer.scoring.learned import model_signature
+from trimformer.pruners.sdtp import model_signature
 from trimformer.scoring.task_attention import relative_log_scores, task_attention, threshold_counts
 from trimformer.train.tsdtp import TaskTrainOptions, distill_loss, share_target, soft_forward, train_task
 from trimformer.tsdtp import TSDTPConfig, TSDTPPruner, batch_counts, set_counts

@@ -1,17 +1,22 @@
 """trimformer: compute only the tokens that matter, inside stock Hugging Face models."""
 
 from .api import is_trimmed, stats, trim, untrim
-from .config import TrimConfig
+from .config import AdaptiveOptions, EvictOptions, MergeOptions, PruneOptions, TrimConfig
 from .errors import ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedModelError
 from .loading import load_model
-from .methods import METHODS
+from .registry import METHODS, SCORERS
 from .token_pruner import TokenPruner
 
 __all__ = [
     "METHODS",
+    "SCORERS",
+    "AdaptiveOptions",
     "ConfigError",
+    "EvictOptions",
     "InputError",
+    "MergeOptions",
     "ModelLoadError",
+    "PruneOptions",
     "TrimConfig",
     "TokenPruner",
     "TrimformerError",

@@ -16,9 +16,9 @@ from .api import stats, trim, untrim
 from .config import TrimConfig
 from .errors import InputError
 from .evaluation.needle import make_needle
-from .flops import decode_step_flops
-from .models.kv_buffer import kv_bytes, use_in_place
-from .models.cache_names import cache_kwargs, output_cache
+from .ops.flops import decode_step_flops
+from .mechanisms.kv_buffer import kv_bytes, use_in_place
+from .patch.cache_names import cache_kwargs, output_cache
 
 
 @dataclass

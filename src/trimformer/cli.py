@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import TrimConfig
 from .errors import TrimformerError
-from .methods import get_method
+from .registry import get_method
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
+    from .registry import METHODS
 
     for name, method in sorted(METHODS.items()):
         print(f"{name:10s} {method.description}")
@@ -442,7 +442,7 @@ def cmd_calibrate_pruner(args: argparse.Namespace) -> int:
     )
     pruner, history = train_pruner(args.saliency, args.out, opts, resume=not args.no_resume)
     last = history.epochs[-1] if history.epochs else {}
-    from .scoring.learned import checkpoint_paths
+    from .pruners.sdtp import checkpoint_paths
 
     weights, meta = checkpoint_paths(args.out)
     print(f"wrote {weights} and {meta.name}: stages {pruner.layers}, hidden {pruner.config.hidden}, "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.cache_names import cache_kwargs, output_cache
+from .patch.cache_names import cache_kwargs, output_cache
 
 
 @dataclass

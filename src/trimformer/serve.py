@@ -25,8 +25,8 @@ import torch
 
 from .api import stats, trim, untrim
 from .config import TrimConfig
-from .methods import get_method
-from .models.cache_names import cache_kwargs, output_cache
+from .registry import get_method
+from .patch.cache_names import cache_kwargs, output_cache
 
 MAX_BODY_BYTES = 16 << 20
 COMPLETION_DEFAULT_TOKENS = 16     # OpenAI's default max_tokens for /v1/completions

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError
-from .scoring.learned import describe_signature, model_signature
+from .pruners.sdtp import describe_signature, model_signature
 from .scoring.task_attention import combine, relative_log_scores, task_attention, threshold_counts
 
 FORMAT = "trimformer-tsdtp"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, TrimformerError
-from .models.cache_names import output_cache
+from .patch.cache_names import output_cache
 
 PATCH_ATTR = "_trimformer_patch"
 STATE_ATTR = "_trimformer_state"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from . import metrics
-from ..models.cache_names import cache_kwargs, output_cache
+from ..patch.cache_names import cache_kwargs, output_cache
 
 FORMAT = "trimformer-eval/1"
 FULL = "full"
@@ -107,7 +107,7 @@ def parse_variants(methods: str | Sequence[str], keeps: str | Sequence[str] | No
         raise InputError("no method to evaluate: pass --method lazy (or several: lazy,random,static,truncate)")
     for v in variants:
         v.trim_config()  # validate now: a clear error before any model is loaded
-        from ..methods import get_method
+        from ..registry import get_method
 
         get_method(v.method)
     return variants
@@ -233,7 +233,7 @@ class TrimformerBackend:
             return {"method": FULL, "keep": 1.0}
         from ..presets import preset_for
 
-        from ..methods import get_method
+        from ..registry import get_method
 
         cfg = variant.trim_config()
         num_layers = len(model.model.layers)

@@ -48,7 +48,7 @@ def trim_options(values: dict[str, Any]) -> dict[str, Any]:
 def model_supported(model: Any) -> bool:
     """True for the models trimformer has an adapter for (encoders and Llama-family decoders)."""
     from ..models import find_family
-    from ..models.decoder import SUPPORTED
+    from ..patch.llama import SUPPORTED
 
     model = getattr(model, "model", model) if type(model).__name__.endswith("Pipeline") else model
     return find_family(model) is not None or type(model).__name__ in SUPPORTED

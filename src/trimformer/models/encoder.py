@@ -48,11 +48,12 @@ from ..merging import (
     unmerge,
     unmerge_schedule,
 )
-from ..methods import Method, ScoreInputs
-from ..policy import mass_counts, ratio_counts, select
-from ..scoring import span_max_pool
-from .cache_names import drop_cache_kwargs
-from .hooks import Hooks
+from ..registry import Method
+from ..scorers.base import ScoreInputs
+from ..ops.select import mass_counts, ratio_counts, select
+from ..ops.smoothing import span_max_pool
+from ..patch.cache_names import drop_cache_kwargs
+from ..patch.hooks import Hooks
 
 ENCODER_ARCHITECTURES = ("BertModel (and Bert*For* heads)", "ViTModel / ViTForImageClassification",
                          "DeiTModel / DeiTForImageClassification(WithTeacher)", "CLIPVisionModel(WithProjection)")
@@ -190,6 +191,17 @@ def check_supported(model: torch.nn.Module) -> Family:
 
 
 class EncoderPatch:
+    kind = "encoder"
+    architectures = ENCODER_ARCHITECTURES
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_family(model) is not None
+
+    @classmethod
+    def layers(cls, model):
+        return find_family(model).layers
+
     """Makes an encoder merge (ToMe) or drop tokens inside each layer; `remove` undoes it exactly."""
 
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):

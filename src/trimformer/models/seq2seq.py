@@ -26,10 +26,11 @@ import torch
 
 from ..config import TrimConfig
 from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
-from ..methods import Method, ScoreInputs
-from ..policy import ratio_counts, select
+from ..registry import Method
+from ..scorers.base import ScoreInputs
+from ..ops.select import ratio_counts, select
 from ..scoring.received import mean_attention_received
-from .hooks import Hooks
+from ..patch.hooks import Hooks
 
 SEQ2SEQ_ARCHITECTURES = ("MarianMTModel / MarianModel (encoder)",)
 SEQ2SEQ_METHODS = ("cls_attention", "random")
@@ -58,6 +59,17 @@ class _State:
 
 
 class Seq2SeqEncoderPatch:
+    kind = "seq2seq"
+    architectures = SEQ2SEQ_ARCHITECTURES
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_seq2seq_encoder(model) is not None
+
+    @classmethod
+    def layers(cls, model):
+        return find_seq2seq_encoder(model)[0].layers
+
     """Makes a Marian encoder drop tokens between layers; the decoder's cross-attention mask follows."""
 
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..scoring.learned import PrunerConfig, TokenPruner, checkpoint_paths, describe_signature
+from ..pruners.sdtp import PrunerConfig, SaliencyPruner, checkpoint_paths, describe_signature
 from .saliency import load_saliency_dir
 
 TARGETS = ("stage", "after")
@@ -123,7 +123,7 @@ def _prepare(config: dict, seqs: list[dict], layers: list[int], opts: TrainOptio
               f"recomputing them with {config['model']}", flush=True)
         model, _ = load_model(config["model"])
     if missing:
-        from ..scoring.learned import model_signature
+        from ..pruners.sdtp import model_signature
 
         if model_signature(model.config) != config["signature"]:
             raise ConfigError(f"the model given to recompute hidden states is not the one the saliency came from "
@@ -213,7 +213,7 @@ def train_pruner(
     model=None,
     resume: bool = True,
     progress: bool = True,
-) -> tuple[TokenPruner, History]:
+) -> tuple[SaliencyPruner, History]:
     """Train a pruner on a stage-1 folder; write OUT.safetensors + OUT.json after every epoch (and
     OUT.resume.pt, the optimizer state, to resume from). `model` is only needed when the folder lacks the
     hidden states of a stage layer (they are then recomputed; by default the model named in the folder
@@ -249,7 +249,7 @@ def train_pruner(
 
     with torch.random.fork_rng():                       # seeded initial weights, global RNG untouched
         torch.manual_seed(opts.seed)
-        pruner = TokenPruner(PrunerConfig(
+        pruner = SaliencyPruner(PrunerConfig(
             signature=sig, layers=layers, hidden=hidden, model=config.get("model"),
             training={**asdict(opts), "saliency": str(Path(saliency_dir).resolve()), "sequences": len(train),
                       "val_sequences": len(val), "gumbel_lm_loss": False},

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError
-from ..scoring.learned import model_signature
+from ..pruners.sdtp import model_signature
 
 FORMAT = "trimformer-saliency"
 

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..evaluation.glue_data import TASKS, collate, load_examples, tokenize, training_batches
 from ..merging import cls_attention
 from ..models.encoder import Family, find_family
-from ..scoring.learned import model_signature
+from ..pruners.sdtp import model_signature
 from ..scoring.task_attention import key_bias, kept_share, soft_keep
 from ..tsdtp import TSDTPConfig, TSDTPPruner, check_counts
 

@@ -114,3 +114,19 @@ def grouped_compaction_moves(keep: torch.Tensor, group: int) -> tuple[list[int],
     src = first(tail)                                                            # (R, M) kept tail slots
     needed = torch.arange(m, device=keep.device)[None, :] < n_moves[:, None]
     return widths, moves, dst, torch.where(needed, src, dst)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, Q, D), index (B, K) -> (B, K, D)."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def last_valid_slots(valid: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """valid (B, Q) -> (index (B, W), in_window (B, W)): each row's last `window` valid slots, in order
+    (rows with fewer valid slots are filled with slots flagged False)."""
+    width = min(window, valid.shape[1])
+    from_end = valid.flip(-1).cumsum(-1).flip(-1)                      # valid slots at or after i
+    in_window = valid & (from_end <= width)
+    slot = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    index = torch.where(in_window, slot, -1).topk(width, dim=-1).indices.sort(dim=-1).values
+    return index, in_window.gather(1, index)

@@ -1,4 +1,4 @@
-"""Decode-time KV eviction with a shadow set (seed 000's runtime pruning), for the decoder adapter.
+"""Decode-time KV eviction with a shadow set (runtime token pruning), for the decoder adapter.
 
 Per layer and decoding step: the newest query's attention over the layer's cache (from its query and
 keys) is accumulated with decay per cache slot; every `evict_every` steps the lowest-scoring slots
@@ -14,13 +14,13 @@ import math
 
 import torch
 
-from ..cache import LayerSlots, RuntimeState, ShadowLayer, TrimState
 from ..config import TrimConfig
 from ..errors import ConfigError
-from ..policy import eviction_mask, grouped_compaction_moves
-from ..scoring import accumulate, last_query_attention, shadow_attention, single_query_softmax
-from .attention_hook import Probe
+from ..ops.attention import accumulate, last_query_attention, shadow_attention, single_query_softmax
+from ..ops.select import eviction_mask, grouped_compaction_moves, last_valid_slots
+from ..patch.attention_hook import Probe
 from .kv_buffer import InPlaceLayer
+from .state import LayerSlots, RuntimeState, ShadowLayer, TrimState
 
 
 def _on(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -85,17 +85,33 @@ def readmit_layers(option: tuple[int, ...] | str | None, num_layers: int) -> fro
 
 
 class RuntimeEviction:
+    """The eviction mechanism of one trimmed decoder; its state travels with the KV cache (`TrimState`)."""
+
     def __init__(self, config: TrimConfig, num_layers: int):
-        self.config = config
+        self.config = config.evict                  # EvictOptions
+        self.sinks = config.sinks
+        self.window = config.prune.window           # the last queries whose attention seeds the scores
         self.num_layers = num_layers
-        self.shadow_dtype = getattr(torch, config.shadow_dtype) if config.shadow_dtype else None
-        self.readmit_layers = readmit_layers(config.readmit_layers, num_layers)
+        self.shadow_dtype = getattr(torch, self.config.shadow_dtype) if self.config.shadow_dtype else None
+        self.readmit_layers = readmit_layers(self.config.readmit_layers, num_layers)
 
     def checks(self, layer: int) -> bool:
         """Whether `layer` scores the newest query against its own shadow set on readmission steps."""
         return self.readmit_layers is None or layer in self.readmit_layers
 
     # ---- probes ------------------------------------------------------------------------------
+    def probe(self, layer: int, live, keys: LayerSlots, state: TrimState) -> Probe | None:
+        """What the layer's attention computes for eviction: in prefill the last queries' attention (the
+        first scores), while decoding the newest query's on scoring and readmission steps."""
+        if live.prefill:
+            index, q_valid = last_valid_slots(live.valid, self.window)
+            return self.prefill_probe(live, keys, index, q_valid)
+        step = state.steps
+        readmits = self.config.readmit_every and step % self.config.readmit_every == 0 and self.checks(layer)
+        if step % self.config.score_every == 0 or readmits:
+            return self.decode_probe(live, keys, keep_query=bool(readmits))
+        return None
+
     def prefill_probe(self, live, keys: LayerSlots, index: torch.Tensor, q_valid: torch.Tensor) -> Probe:
         """Seed the accumulated scores with the mean attention of the prompt's last queries."""
         q_pos = live.positions.gather(1, index)
@@ -211,7 +227,7 @@ class RuntimeEviction:
             valid = _stack_rows([state.slots[layer].valid for layer in group], False)
             scores = _stack_rows([self._scores(layer, state) for layer in group], 0.0)
             protected = valid & (
-                (positions < cfg.sinks) | (positions > _on(newest, device).repeat(g, 1) - cfg.recent)
+                (positions < self.sinks) | (positions > _on(newest, device).repeat(g, 1) - cfg.recent)
             )
             target = self._target(state, device).repeat(g)
             evict = eviction_mask(scores, valid, protected, target, cfg.pruning_threshold)
@@ -354,6 +370,25 @@ class RuntimeEviction:
         rt.readmitted[layer] += int(chosen.sum())
         # the readmitted slots stay in the shadow tensors as invalid filler until `_bound` compacts them
         return positions
+
+    def stats(self, state: TrimState) -> dict:
+        """Eviction counters: per layer and totals over layers (token-layer entries). For every layer,
+        seen = in_cache + in_shadow + dropped."""
+        rt = state.runtime
+        in_cache = [int(s.valid.sum()) if s is not None else 0 for s in state.slots]
+        in_shadow = [rt.in_shadow(layer) for layer in range(rt.num_layers)]
+        return {
+            "total_tokens_seen": sum(rt.seen),
+            "total_tokens_pruned": sum(rt.evicted),
+            "total_tokens_reintroduced": sum(rt.readmitted),
+            "total_tokens_dropped": sum(rt.dropped),
+            "per_layer": [
+                {"layer": layer, "seen": rt.seen[layer], "in_cache": in_cache[layer], "in_shadow": in_shadow[layer],
+                 "dropped": rt.dropped[layer], "evicted": rt.evicted[layer], "reintroduced": rt.readmitted[layer]}
+                for layer in range(rt.num_layers)
+            ],
+            "shadow_bytes": rt.shadow_bytes(),
+        }
 
 
 def new_runtime_state(num_layers: int) -> RuntimeState:

@@ -5,31 +5,31 @@ It hooks the base model and each decoder layer; transformers' own forward runs u
 * the base model's pre-hook fixes the original position and validity of every input token;
 * each layer's pre-hook gives the layer the mask, rotary embeddings and positions of the tokens still
   live, and records which original position each of the layer's KV-cache slots holds;
-* at a pruning layer (prefill) the post-hook scores, selects and gathers the live tokens, and parks the
-  dropped ones' hidden states in the aux cache;
-* at a pruning layer (decoding) the post-hook revives aux tokens the new query attends to: they join
-  the live tokens and run through the remaining layers only, their keys entering the cache at their
-  original positions;
+* the attention wrapper (`attention_hook.py`) hands the mechanisms what they asked for (a `Probe`);
+* after a layer, prefill dropping (`mechanisms/prefill.py`) drops or revives tokens at the layers of its
+  schedule, and decode-time eviction (`mechanisms/eviction.py`) accumulates scores and evicts;
 * the base model's post-hook gives back one output per input token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..cache import AuxEntry, LayerSlots, TrimState
 from ..config import TrimConfig
-from ..errors import ConfigError, InputError, UnsupportedModelError
-from ..methods import Method, ScoreInputs
-from ..policy import mass_counts, ratio_counts, select
-from ..scoring import last_query_attention, newest_query_attention, span_max_pool
+from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
+from ..mechanisms.eviction import RuntimeEviction, new_runtime_state
+from ..mechanisms.kv_buffer import use_in_place
+from ..mechanisms.prefill import PrefillDrop
+from ..mechanisms.state import LayerSlots, TrimState
+from ..ops.flops import prefill_flops
+from ..ops.select import gather_rows
+from ..registry import Method
 from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .base import Patch
 from .cache_names import cache_from
-from .hooks import Hooks
-from .kv_buffer import use_in_place
-from .runtime import RuntimeEviction, new_runtime_state
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -69,8 +69,8 @@ class _Live:
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> None:
         self.positions = self.positions.gather(1, index)
         self.source = self.source.gather(1, index)
-        self.cos = _gather_rows(self.cos, index)
-        self.sin = _gather_rows(self.sin, index)
+        self.cos = gather_rows(self.cos, index)
+        self.sin = gather_rows(self.sin, index)
         self.valid, self._n_valid, self._newest = valid, None, None
 
     def extend(self, positions, valid, cos, sin) -> None:
@@ -88,11 +88,6 @@ class _Live:
         for name in ("positions", "valid", "source", "cos", "sin"):
             setattr(self, name, getattr(self, name).to(device))
         self._newest = None
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, Q, D), index (B, K) -> (B, K, D)."""
-    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 def execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -114,17 +109,6 @@ def _cached_slots(cache, layer: int) -> int:
     if getattr(layer_cache, "is_initialized", False) and getattr(layer_cache, "keys", None) is not None:
         return layer_cache.keys.shape[-2]
     return cache.get_seq_length(layer)
-
-
-def last_valid_slots(valid: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """valid (B, Q) -> (index (B, W), in_window (B, W)): each row's last `window` valid slots, in order
-    (rows with fewer valid slots are filled with slots flagged False)."""
-    width = min(window, valid.shape[1])
-    from_end = valid.flip(-1).cumsum(-1).flip(-1)                      # valid slots at or after i
-    in_window = valid & (from_end <= width)
-    slot = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-    index = torch.where(in_window, slot, -1).topk(width, dim=-1).indices.sort(dim=-1).values
-    return index, in_window.gather(1, index)
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -149,56 +133,100 @@ def check_supported(model: torch.nn.Module) -> None:
         )
 
 
-class DecoderPatch:
+class LlamaPatch(Patch):
     """Hooks that make a Llama-family model prune tokens layer by layer; `remove` undoes them exactly."""
+
+    kind = "decoder"
+    architectures = SUPPORTED
 
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
         check_supported(model)
         if config.cls_only_last:
             raise ConfigError("cls_only_last is for encoders read through [CLS] (BERT-family classifiers); a "
                               "decoder's output is its last token's")
-        self.model = model
+        super().__init__(model, config, method, plan)
         self.base = model.model
-        self.config = config
-        self.method = method
-        self.plan = plan
-        self.revive = method.revive_default if config.revive is None else config.revive
+        self.num_layers = len(self.base.layers)
+        self.revive = method.revive_default if config.prune.revive is None else config.prune.revive
         if self.revive and method.evicts and method.prunes_prefill:
             raise ConfigError(
                 f"revive=True cannot be combined with {method.name!r}: revival finds a pruned prompt token by its "
                 "slot in the layer's KV cache, and decode-time eviction moves those slots. Use revive=False (the "
                 "runtime's shadow set brings evicted tokens back) or the prefill method alone"
             )
-        self.score = method.build_scorer(config, model, plan) if method.prunes_prefill else None
-        self.runtime = RuntimeEviction(config, len(model.model.layers)) if method.evicts else None
-        self.num_layers = len(self.base.layers)
+        self.prefill = PrefillDrop(config, method, plan, method.build_scorer(config, model, plan), self.revive,
+                                   self.base.rotary_emb) if method.prunes_prefill else None
+        self.runtime = RuntimeEviction(config, self.num_layers) if method.evicts else None
         self.live: _Live | None = None
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
-        self._hooks = Hooks()
         self._original_attn: str | None = None
         self._kernel = original_kernel(model.config._attn_implementation)   # "sdpa" or "eager"
 
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        return getattr(getattr(model, "model", None), "layers", None) is not None
+
+    @classmethod
+    def layers(cls, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.model.layers
+
     # ---- install / remove --------------------------------------------------------------------
-    def install(self) -> None:
-        try:
-            self._hooks.add(self.base.register_forward_pre_hook(self._on_start, with_kwargs=True))
-            self._hooks.add(self.base.register_forward_hook(self._on_end, with_kwargs=True))
-            for index, layer in enumerate(self.base.layers):
-                self._hooks.add(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
-                if index in self.plan or self.runtime is not None:
-                    self._hooks.add(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
-            self._original_attn = self.model.config._attn_implementation
-            self.model.config._attn_implementation = wrapped_name(self._original_attn)
-        except Exception:
-            self.remove()
-            raise
+    def _install(self) -> None:
+        self.hooks.add(self.base.register_forward_pre_hook(self._on_start, with_kwargs=True))
+        self.hooks.add(self.base.register_forward_hook(self._on_end, with_kwargs=True))
+        for index, layer in enumerate(self.base.layers):
+            self.hooks.add(layer.register_forward_pre_hook(self._layer_pre(index), with_kwargs=True))
+            if index in self.plan or self.runtime is not None:
+                self.hooks.add(layer.register_forward_hook(self._layer_post(index), with_kwargs=True))
+        self._original_attn = self.model.config._attn_implementation
+        self.model.config._attn_implementation = wrapped_name(self._original_attn)
 
     def remove(self) -> None:
-        self._hooks.remove()
+        super().remove()
         if self._original_attn is not None:
             self.model.config._attn_implementation = self._original_attn
             self._original_attn = None
         self.live = None
+
+    # ---- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        state = self.state
+        if state is None:
+            raise TrimformerError("no forward has run since trim(); stats describe the last prefill")
+        lengths = [int(n) for n in state.prompt_lengths]
+        computed = state.computed                                  # (L, B)
+        full_rows = [lengths for _ in range(state.num_layers)]
+        done = int(computed.sum())
+        total = sum(lengths) * state.num_layers
+        flops_full = prefill_flops(self.model.config, full_rows)
+        flops_trimmed = prefill_flops(self.model.config, computed.tolist())
+        result = {
+            "method": self.config.method,
+            "schedule": dict(self.plan),
+            "prompt_tokens": lengths,
+            "kept_tokens_per_layer": computed.sum(-1).tolist(),
+            "kept_fraction": done / total if total else 1.0,
+            "revived_per_layer": list(state.revived),
+            "revived": int(sum(state.revived)),
+            "waiting_in_aux": state.waiting_in_aux() if self.revive else 0,
+            "dropped_for_good": state.dropped_for_good,
+            "decode_steps": state.steps,
+            "flops_full": flops_full,
+            "flops_trimmed": flops_trimmed,
+            "flop_ratio": flops_full / flops_trimmed if flops_trimmed else 1.0,
+            "kv_bytes": self._kv_bytes(),
+        }
+        if self.runtime is not None and state.runtime is not None:
+            result.update(self.runtime.stats(state))
+        return result
+
+    def _kv_bytes(self) -> int:
+        """Bytes the KV cache holds now (every slot of every layer, keys and values)."""
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        element = next(self.model.parameters()).element_size()
+        slots = sum(s.positions.numel() for s in self.state.slots if s is not None)
+        return 2 * slots * config.num_key_value_heads * head_dim * element
 
     # ---- base model hooks --------------------------------------------------------------------
     def _on_start(self, module, args, kwargs):
@@ -270,30 +298,13 @@ class DecoderPatch:
             self.runtime.flush(cache_from(kwargs), state, live)     # layers that evict after the last check
         hidden = output.last_hidden_state                     # (B, Q_live, D), already normed
         if live.prefill and state.aux:
-            hidden = self._restore_prompt_order(hidden, live, state)
+            hidden = PrefillDrop.restore_prompt_order(hidden, live, state, self.base.norm)
         elif hidden.shape[1] != live.n_input:
             hidden = hidden[:, : live.n_input]
         output.last_hidden_state = hidden
         state.next_position = live.positions[:, : live.n_input].max(-1).values + 1 if live.prefill else \
             live.positions[:, live.n_input - 1] + 1
         return output
-
-    def _restore_prompt_order(self, hidden, live: _Live, state: TrimState) -> torch.Tensor:
-        """(B, Q_kept, D) -> (B, T, D): kept tokens' outputs at their input index; a pruned token's entry
-        is its hidden state when it was dropped (normed): it was not computed further."""
-        batch, _, dim = hidden.shape
-        device = hidden.device
-        out = hidden.new_zeros(batch, live.n_input, dim)
-        live.to(device)
-        for entry in state.aux.values():
-            index = entry.source.to(device).clamp(min=0)[:, :, None].expand(-1, -1, dim)
-            normed = self.base.norm(entry.hidden).to(device)
-            current = out.gather(1, index)
-            out.scatter_(1, index, torch.where(entry.waiting.to(device)[:, :, None], normed, current))
-        index = live.source.clamp(min=0)[:, :, None].expand(-1, -1, dim)
-        current = out.gather(1, index)
-        out.scatter_(1, index, torch.where(live.valid[:, :, None], hidden, current))
-        return out
 
     # ---- layer hooks -------------------------------------------------------------------------
     def _layer_pre(self, layer: int):
@@ -352,35 +363,17 @@ class DecoderPatch:
         return allowed[:, None]
 
     def _probe(self, layer: int, live: _Live, keys: LayerSlots) -> Probe | None:
-        cfg = self.config
-        if self.runtime is not None and not (layer in self.plan and live.prefill and self.method.needs_attention):
-            if live.prefill:
-                index, q_valid = last_valid_slots(live.valid, cfg.window)
-                return self.runtime.prefill_probe(live, keys, index, q_valid)
-            step = self.state.steps
-            readmits = cfg.readmit_every and step % cfg.readmit_every == 0 and self.runtime.checks(layer)
-            if step % cfg.score_every == 0 or readmits:
-                return self.runtime.decode_probe(live, keys, keep_query=bool(readmits))
-            return None
-        if layer not in self.plan:
-            return None
-        if live.prefill and self.method.needs_attention:
-            index, q_valid = last_valid_slots(live.valid, cfg.window)
-            q_pos = live.positions.gather(1, index)
-
-            def scorer(query, key, scaling):
-                return last_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid, q_valid, cfg.pool)
-
-            return Probe(scorer, index)
-        if not live.prefill and self.revive and layer in self.state.aux and self.state.steps % cfg.revive_every == 0:
-            index = torch.full((live.positions.shape[0], 1), live.n_input - 1, device=keys.positions.device)
-            q_pos = live.positions.gather(1, index)
-
-            def scorer(query, key, scaling):
-                return newest_query_attention(query, key, scaling, q_pos, keys.positions, keys.valid)
-
-            return Probe(scorer, index)
-        return None
+        """What the layer's attention computes besides its output: the eviction's scores (except at a pruning
+        layer whose scorer reads attention, whose probe seeds them), the prefill scorer's or the revival's."""
+        probe = None
+        if self.runtime is not None and not (live.prefill and layer in self.plan and self.method.needs_attention):
+            probe = self.runtime.probe(layer, live, keys, self.state)
+        elif self.prefill is not None:
+            probe = self.prefill.probe(layer, live, keys, self.state)
+        if live.prefill and layer in self.plan and self.method.needs("keys"):
+            probe = probe if probe is not None else Probe(None, None)
+            probe.keep_keys = True
+        return probe
 
     def _layer_post(self, layer: int):
         def hook(module, args, kwargs, output):
@@ -394,84 +387,9 @@ class DecoderPatch:
                 else:
                     self.runtime.after_decode(layer, cache_from(kwargs), self.state, live, probe)
             if live.prefill and layer in self.plan:
-                return self._prune(layer, output, probe)
+                return self.prefill.prune(layer, output, probe, live, self.state)
             if probe is not None and self.revive and layer in self.plan:
-                return self._revive(layer, output, probe)
+                return self.prefill.revive_tokens(layer, output, probe, live, self.state)
             return None
 
         return hook
-
-    # ---- prefill: prune ----------------------------------------------------------------------
-    def _prune(self, layer: int, hidden: torch.Tensor, probe: Probe | None) -> torch.Tensor:
-        """hidden (B, Q, D) -> (B, Q', D): keep the selected tokens, park the rest in the aux cache."""
-        live, state, cfg = self.live, self.state, self.config
-        inputs = ScoreInputs(
-            layer=layer,
-            positions=live.positions,
-            valid=live.valid,
-            lengths=state.prompt_lengths.to(hidden.device),
-            hidden=hidden,
-            attention=probe.scores if probe is not None else None,
-            seed=cfg.seed,
-        )
-        scores = self.score(inputs).float()                               # (B, Q)
-        if self.method.span_pool:
-            scores = span_max_pool(scores.masked_fill(~live.valid, 0.0), cfg.span)
-        lengths = inputs.lengths[:, None]
-        protected = live.valid & ((live.positions < cfg.sinks) | (live.positions >= lengths - cfg.protect_last))
-        n_valid, n_protected = live.valid.sum(-1), protected.sum(-1)
-        if cfg.adaptive:
-            counts = torch.minimum(
-                mass_counts(scores, live.valid, cfg.mass, n_protected),
-                ratio_counts(n_valid, self.plan[layer], n_protected),
-            )
-        else:
-            counts = ratio_counts(n_valid, self.plan[layer], n_protected)
-        index, kept = select(scores, live.valid, protected, counts)              # (B, K'), (B, K')
-
-        keep_mask = torch.zeros_like(live.valid).scatter_(1, index, kept)        # (B, Q)
-        dropped = live.valid & ~keep_mask
-        self._park(layer, hidden, dropped)
-        live.gather(index, kept)
-        return _gather_rows(hidden, index)
-
-    def _park(self, layer: int, hidden: torch.Tensor, dropped: torch.Tensor) -> None:
-        """Move the dropped tokens' hidden states to the aux cache of `layer` (or count them as gone)."""
-        live, state = self.live, self.state
-        width = int(dropped.sum(-1).max())
-        if width == 0:
-            return
-        if not self.revive:
-            state.dropped_for_good += int(dropped.sum())
-        order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # dropped first
-        state.aux[layer] = AuxEntry(
-            hidden=_gather_rows(hidden, order),
-            positions=live.positions.gather(1, order),
-            slots=order,  # no past in prefill: the slot in this layer's cache is the live index
-            source=live.source.gather(1, order),
-            waiting=dropped.gather(1, order),
-        )
-
-    # ---- decoding: revive --------------------------------------------------------------------
-    def _revive(self, layer: int, hidden: torch.Tensor, probe: Probe) -> torch.Tensor:
-        """hidden (B, Q, D) -> (B, Q + R, D): aux tokens of `layer` the new query attends to strongly."""
-        live, state, cfg = self.live, self.state, self.config
-        entry = state.aux[layer]
-        keys = state.slots[layer]
-        attention = probe.scores                                                  # (B, K)
-        n_keys = keys.valid.sum(-1, keepdim=True).clamp(min=1)
-        relative = attention.gather(1, entry.slots) * n_keys                      # (B, N) x uniform
-        wanted = entry.waiting & (relative >= cfg.revive_threshold)
-        width = min(cfg.revive_max, int(wanted.sum(-1).max()))
-        if width == 0:
-            return hidden
-        top = relative.masked_fill(~wanted, -1.0).topk(width, dim=-1).indices     # (B, R)
-        chosen = wanted.gather(1, top)                                            # (B, R)
-        entry.waiting.scatter_(1, top, entry.waiting.gather(1, top) & ~chosen)
-        state.revived[layer] += int(chosen.sum())
-
-        positions = entry.positions.gather(1, top)
-        extra = _gather_rows(entry.hidden, top)
-        cos, sin = self.base.rotary_emb(extra, positions)
-        live.extend(positions, chosen, cos.to(extra.device), sin.to(extra.device))
-        return torch.cat([hidden, extra], dim=1)

@@ -1,6 +1,6 @@
-"""SDTP's learned scorer: a two-layer MLP with GELU per pruning stage predicts each token's saliency from
-its hidden state (arXiv 2504.04514). Training lives in `trimformer.train`; this module holds the network,
-its checkpoint format and the scorer that `methods.py` registers as "sdtp".
+"""SDTP's learned pruner: a two-layer MLP with GELU per pruning stage predicts each token's saliency from
+its hidden state (arXiv 2504.04514). Training lives in `trimformer_lab.train`; this module holds the network
+and its checkpoint format; `scorers/sdtp.py` scores with it.
 
 A checkpoint is ``NAME.safetensors`` (the weights, one MLP per stage layer, plus the per-dimension mean and
 std of the hidden states it was trained on) beside ``NAME.json`` (its config: the model signature, stage
@@ -22,7 +22,7 @@ from ..errors import ConfigError
 
 FORMAT = "trimformer-sdtp-pruner"
 FORMAT_VERSION = 1
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pruners"
+SHIPPED_DIR = Path(__file__).resolve().parent
 
 
 # ---- model signature ----------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class StageMLP(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x))).squeeze(-1)
 
 
-class TokenPruner(nn.Module):
+class SaliencyPruner(nn.Module):
     """One `StageMLP` per stage layer; ``pruner(hidden, layer)`` gives (B, K) scores."""
 
     def __init__(self, config: PrunerConfig):
@@ -120,7 +120,7 @@ class TokenPruner(nn.Module):
         return weights
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenPruner":
+    def load(cls, path: str | Path) -> "SaliencyPruner":
         """Read a checkpoint written by `save` (either file of the pair, or the name without suffix)."""
         from safetensors.torch import load_file
 
@@ -195,32 +195,3 @@ def default_pruner_path(model_config) -> Path:
         f"(shipped: {shipped}); pass pruner=PATH, trained with `trimformer calibrate saliency` and "
         "`trimformer calibrate pruner`"
     )
-
-
-# ---- the scorer the "sdtp" method uses ----------------------------------------------------------
-class LearnedScorer:
-    """ScoreInputs -> (B, K) predicted saliency from the pruner's MLP for the stage's layer."""
-
-    def __init__(self, pruner: TokenPruner):
-        self.pruner = pruner
-
-    @torch.no_grad()
-    def __call__(self, inputs) -> torch.Tensor:
-        hidden = inputs.hidden
-        pruner = self.pruner
-        param = pruner.stages[str(inputs.layer)].fc1.weight
-        if param.device != hidden.device:
-            pruner.to(hidden.device)
-            param = pruner.stages[str(inputs.layer)].fc1.weight
-        return pruner(hidden.to(param.dtype), inputs.layer).float()
-
-
-def setup_sdtp(config, model, plan: dict[int, float]) -> LearnedScorer:
-    """`Method.setup` for "sdtp": load `config.pruner` (or the shipped one for this model), check it was
-    trained for this model and covers the schedule's layers, and return its scorer."""
-    path = config.pruner if config.pruner is not None else default_pruner_path(model.config)
-    pruner = TokenPruner.load(path)
-    where = f"the pruner {Path(path).name}"
-    pruner.check_model(model.config, where)
-    pruner.check_plan(plan, where)
-    return LearnedScorer(pruner)

@@ -144,7 +144,10 @@ def resolve(config: Any) -> Method:
         if unknown or not config.mechanisms:
             raise ConfigError(f"mechanisms must be a non-empty list among {sorted(MECHANISMS)}, got "
                               f"{list(config.mechanisms)!r}")
-        method = dataclasses.replace(method, mechanisms=frozenset(config.mechanisms))
+        mechanisms = frozenset(config.mechanisms)
+        # with eviction the shadow set brings tokens back: prefill revival is off (as with "+runtime")
+        revive = method.revive_default and "evict" not in mechanisms
+        method = dataclasses.replace(method, mechanisms=mechanisms, revive_default=revive)
     if method.merges and len(method.mechanisms) > 1:
         raise ConfigError("merge cannot be combined with prune or evict: merging changes the token layout "
                           "that the other mechanisms track")

@@ -3,6 +3,7 @@ scorer is its file plus one import line here."""
 
 from . import cls_attention  # noqa: F401
 from . import head_tail  # noqa: F401
+from . import key_norm  # noqa: F401
 from . import last_query  # noqa: F401
 from . import random  # noqa: F401
 from . import recency  # noqa: F401

@@ -88,7 +88,7 @@ def test_needles_found_by_full_model_are_found_by_default_lazy(model):
 
 
 def test_bench_decode_writes_the_issue_schema_and_a_ceiling_of_the_same_cache_size(model, tmp_path):
-    """`bench decode` (issue: runtime token pruning): the issue's JSON fields, ratios from the rows
+    """`bench decode`: its documented JSON fields, ratios from the rows
     themselves, a smaller trimmed cache, and a ceiling run whose cache averages the trimmed run's size."""
     model, tokenizer = model
     config = trimformer.TrimConfig(method="runtime", budget=0.5)

@@ -1,4 +1,5 @@
-"""`TokenPruner`: a runtime-pruning API (score, prune, shadow set, reintroduce, stats) as a thin class over trimformer's pieces.
+"""`TokenPruner`: a runtime-pruning API (score, prune, shadow set, reintroduce, stats) as a thin class
+over trimformer's pieces.
 
 Standalone, it scores tokens from attention weights you already have, prunes hidden states, keeps
 the pruned ones in a shadow set and brings them back when they become relevant again::

@@ -103,11 +103,16 @@ _method("runtime", "decode-time KV eviction by accumulated attention, with a sha
         None, "evict", paper="H2O-style heavy hitters with a shadow set")
 
 
+# every scorer no method above names is a method of its own: prefill dropping scored by it
+for _name, _scorer in SCORERS.items():
+    if _name not in METHODS and all(m.scorer != _name for m in METHODS.values()):
+        _method(_name, _scorer.description, _name, "prune", paper=_scorer.paper)
+
+
 def method_names() -> list[str]:
-    """Every name `trim(method=...)` accepts, besides ``"<method>+runtime"``: the methods, then the scorers
-    that no method names."""
-    named = {m.scorer for m in METHODS.values()}
-    return sorted(METHODS) + sorted(s for s in SCORERS if s not in named and s not in METHODS)
+    """Every name `trim(method=...)` accepts, besides ``"<method>+runtime"`` (and scorers registered later,
+    which `get_method` finds too)."""
+    return list(METHODS)
 
 
 def get_method(name: str) -> Method:
@@ -122,7 +127,7 @@ def get_method(name: str) -> Method:
                                    revive_default=False)
     if name in METHODS:
         return METHODS[name]
-    if name in SCORERS:
+    if name in SCORERS:                        # a scorer registered after this module was imported
         scorer = SCORERS[name]
         return Method(name, scorer.description, name, frozenset({"prune"}), paper=scorer.paper)
     raise ConfigError(f"unknown method {name!r}; accepted: {', '.join(method_names())}, or '<method>+runtime'")

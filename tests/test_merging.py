@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trimformer.errors import ConfigError, TrimformerError
-from trimformer.merging import (
+from trimformer.ops.merge import (
     attention_bias,
     ats_counts,
     bipartite_soft_matching,

@@ -10,12 +10,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from trimformer import ConfigError, UnsupportedModelError, stats, trim, untrim
-from trimformer.evaluation.glue import load_classifier, matched_keep, ratio_kept_share, run_batches, tsdtp_options
-from trimformer.evaluation.glue_data import collate, length_batches, tokenize, Example
+from trimformer_lab.classifier import load_classifier, run_batches, tsdtp_options
+from trimformer_lab.evaluation.glue import matched_keep, ratio_kept_share
+from trimformer_lab.glue_data import collate, length_batches, tokenize, Example
 from trimformer.pruners.sdtp import model_signature
-from trimformer.scoring.task_attention import relative_log_scores, task_attention, threshold_counts
-from trimformer.train.tsdtp import TaskTrainOptions, distill_loss, share_target, soft_forward, train_task
-from trimformer.tsdtp import TSDTPConfig, TSDTPPruner, batch_counts, set_counts
+from trimformer.ops.task_attention import relative_log_scores, task_attention, threshold_counts
+from trimformer_lab.train.tsdtp import TaskTrainOptions, distill_loss, share_target, soft_forward, train_task
+from trimformer.pruners.tsdtp import TSDTPConfig, TSDTPPruner, batch_counts, set_counts
 
 torch.set_num_threads(1)
 WORDS = ["good", "bad", "movie", "film", "the", "a", "plot", "actor", "very", "quite", "scene", "story"]
@@ -162,6 +163,14 @@ def test_batch_counts_make_the_batch_as_narrow_as_the_kept_share(tmp_path):
     with pytest.raises(ConfigError, match="counts must be one of"):
         TSDTPConfig(model_signature(model.config), [0], rank=8, counts="widest") and TSDTPPruner(
             TSDTPConfig(model_signature(model.config), [0], rank=8, counts="widest"))
+
+
+def test_set_counts_reads_the_attribute_trim_keeps_the_patch_under():
+    # pruners.tsdtp names the attribute instead of importing it from the api (which imports the scorers)
+    from trimformer import api
+    from trimformer.pruners import tsdtp
+
+    assert tsdtp.PATCH_ATTR == api.PATCH_ATTR
 
 
 def test_hard_training_forward_equals_the_trimmed_model(tmp_path):
@@ -357,7 +366,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_round_trips(synthetic, tmp_
     assert torch.equal(logits_before, logits_after)
 
     # the table: one row per counts mode, the generic row at the first one's kept share
-    from trimformer.evaluation.glue import run_glue
+    from trimformer_lab.evaluation.glue import run_glue
 
     table = run_glue("sst2", out, baseline=model_dir, data=str(data), bench_count=1, repeats=1, warmup=0,
                      memory=False, progress=False, tsdtp_counts=["batch", "row"])
@@ -427,7 +436,7 @@ def test_distillation_ramp_and_min_length_train_deterministically(synthetic, tmp
 
 # ---- data ----------------------------------------------------------------------------------------------
 def test_qnli_split_is_fixed_disjoint_and_complete():
-    from trimformer.evaluation.glue_data import default_data_dir, load_examples
+    from trimformer_lab.glue_data import default_data_dir, load_examples
 
     if not (default_data_dir() / "qnli" / "dev.tsv").exists():
         pytest.skip(f"GLUE data not found at {default_data_dir()} (../shared/data next to the project)")

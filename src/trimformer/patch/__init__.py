@@ -8,12 +8,15 @@ from ..config import TrimConfig
 from ..errors import UnsupportedModelError
 from ..presets import preset_for
 from ..registry import Method, methods_for
-from ..models import EncoderPatch, Seq2SeqEncoderPatch
 from .base import Patch
+from .bert import BertPatch
+from .clip import ClipPatch
 from .llama import LlamaPatch
+from .marian import MarianPatch
+from .vit import ViTPatch
 
 # the first that matches takes the model (decoders last: their check is the broadest)
-ADAPTERS: tuple[type[Patch], ...] = (EncoderPatch, Seq2SeqEncoderPatch, LlamaPatch)
+ADAPTERS: tuple[type[Patch], ...] = (BertPatch, ViTPatch, ClipPatch, MarianPatch, LlamaPatch)
 
 
 def adapter_for(model: torch.nn.Module) -> type[Patch]:

@@ -2,11 +2,11 @@
 
 Tokens are dropped between encoder layers (after each layer of the schedule); the encoder returns only the
 tokens still live, (B, T', D), so the decoder's cross-attention reads fewer keys at every decoding step.
-Per forward:
+transformers' own layer forwards run; per forward:
 
 * the encoder's pre-hook reads the 2-D source attention_mask (right- or left-padded) and starts the state;
-* each encoder layer's forward is replaced (per instance; `remove` deletes the override) by one that passes
-  the mask of the live tokens, and after a scheduled layer scores, selects and gathers them;
+* each encoder layer's pre-hook gives it the mask of the live tokens, and the forward hook of a scheduled
+  layer scores, selects and gathers them from its output;
 * the q and k projections of the scheduled layers are hooked so the scores come from the layer's own
   queries and keys (the attention kernel is untouched);
 * the encoder's post-hook keeps the reduced source mask, and the decoder's pre-hook gives it to the
@@ -26,14 +26,11 @@ import torch
 
 from ..config import TrimConfig
 from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
+from ..ops.received import mean_attention_received
+from ..ops.select import ratio_counts, select
 from ..registry import Method
 from ..scorers.base import ScoreInputs
-from ..ops.select import ratio_counts, select
-from ..scoring.received import mean_attention_received
-from ..patch.hooks import Hooks
-
-SEQ2SEQ_ARCHITECTURES = ("MarianMTModel / MarianModel (encoder)",)
-SEQ2SEQ_METHODS = ("cls_attention", "random")
+from .base import Patch
 
 
 def find_seq2seq_encoder(model: torch.nn.Module):
@@ -58,63 +55,50 @@ class _State:
     kept: list = field(default_factory=list)   # per layer: (B,) tokens the layer computed
 
 
-class Seq2SeqEncoderPatch:
+class MarianPatch(Patch):
+    """Makes a Marian encoder drop tokens between layers; the decoder's cross-attention mask follows."""
+
     kind = "seq2seq"
-    architectures = SEQ2SEQ_ARCHITECTURES
+    architectures = ("MarianMTModel / MarianModel (encoder)",)
 
     @classmethod
-    def matches(cls, model) -> bool:
+    def matches(cls, model: torch.nn.Module) -> bool:
         return find_seq2seq_encoder(model) is not None
 
     @classmethod
-    def layers(cls, model):
+    def layers(cls, model: torch.nn.Module) -> torch.nn.ModuleList:
         return find_seq2seq_encoder(model)[0].layers
 
-    """Makes a Marian encoder drop tokens between layers; the decoder's cross-attention mask follows."""
-
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
-        found = find_seq2seq_encoder(model)
-        if found is None:
-            raise UnsupportedModelError(f"no encoder-decoder adapter for {type(model).__name__}; supported: "
-                                        + "; ".join(SEQ2SEQ_ARCHITECTURES))
-        if method.name not in SEQ2SEQ_METHODS:
-            raise UnsupportedModelError(f"method {method.name!r} does not run on the encoder of "
-                                        f"{type(model).__name__}; use one of {SEQ2SEQ_METHODS}")
-        if config.adaptive:
+        if config.adaptive.enabled:
             raise UnsupportedModelError("adaptive keep is not supported on encoder-decoder encoders")
         if config.cls_only_last:
             raise ConfigError("cls_only_last is for encoders read through [CLS]; the decoder of "
                               f"{type(model).__name__} cross-attends to every encoder output")
-        self.encoder, self.decoder = found
-        self.model = model
-        self.config = config
-        self.method = method
-        self.plan = dict(plan)
-        self.score = method.build_scorer(config, model, plan)
+        super().__init__(model, config, method, dict(plan))
+        self.encoder, self.decoder = find_seq2seq_encoder(model)
+        self.scorer = method.build_scorer(config, model, plan)
         self.state: _State | None = None
         self.source_mask: torch.Tensor | None = None    # (B, T') mask of the last reduced encoder output
         self._last: _State | None = None
         self._captured: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in self.plan}
-        self._hooks = Hooks()
+        self._want = ({"q", "k"} if method.needs_attention else set()) | ({"k"} if method.needs("keys") else set())
 
     # ---- install / remove ------------------------------------------------------------------------
-    def install(self) -> None:
-        try:
-            self._hooks.add(self.encoder.register_forward_pre_hook(self._on_start, with_kwargs=True))
-            self._hooks.add(self.encoder.register_forward_hook(self._on_end))
-            self._hooks.add(self.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
-            for index, layer in enumerate(self.encoder.layers):
-                if index in self.plan and self.method.needs_attention:
-                    for name in ("q", "k"):
-                        module = getattr(layer.self_attn, f"{name}_proj")
-                        self._hooks.add(module.register_forward_hook(self._capture(index, name)))
-                self._hooks.override_forward(layer, self._layer_forward(index, layer))
-        except Exception:
-            self.remove()
-            raise
+    def _install(self) -> None:
+        self.hooks.add(self.encoder.register_forward_pre_hook(self._on_start, with_kwargs=True))
+        self.hooks.add(self.encoder.register_forward_hook(self._on_end))
+        self.hooks.add(self.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
+        for index, layer in enumerate(self.encoder.layers):
+            if index in self.plan:
+                for name in sorted(self._want):
+                    module = getattr(layer.self_attn, f"{name}_proj")
+                    self.hooks.add(module.register_forward_hook(self._capture(index, name)))
+                self.hooks.add(layer.register_forward_hook(self._layer_post(index)))
+            self.hooks.add(layer.register_forward_pre_hook(self._layer_pre, with_kwargs=True))
 
     def remove(self) -> None:
-        self._hooks.remove()
+        super().remove()
         self.state = None
         self.source_mask = None
 
@@ -124,7 +108,7 @@ class Seq2SeqEncoderPatch:
                 self._captured[layer][name] = output
         return hook
 
-    # ---- hooks ------------------------------------------------------------------------------------
+    # ---- encoder and decoder hooks -----------------------------------------------------------------
     def _on_start(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -165,36 +149,46 @@ class Seq2SeqEncoderPatch:
         kwargs["encoder_attention_mask"] = mask.repeat_interleave(enc.shape[0] // mask.shape[0], dim=0)
         return args, kwargs
 
-    def _layer_forward(self, index: int, layer: torch.nn.Module):
-        original = type(layer).forward.__get__(layer)
+    # ---- layer hooks -------------------------------------------------------------------------------
+    def _layer_pre(self, module, args, kwargs):
+        """Count the layer's tokens and, once some are dropped, give it the live tokens' mask (B, 1, 1, T')."""
+        state = self.state
+        if state is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if state.reduced:
+            low = torch.finfo(hidden.dtype).min
+            mask = torch.zeros(state.valid.shape, dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~state.valid, low)[:, None, None, :]
+            if len(args) > 1:
+                args = (args[0], mask, *args[2:])
+            else:
+                kwargs["attention_mask"] = mask
+        state.kept.append(state.valid.sum(-1).cpu())
+        return args, kwargs
 
-        def forward(hidden_states, attention_mask=None, *args, **kwargs):
-            state = self.state
-            if state is None:
-                return original(hidden_states, attention_mask, *args, **kwargs)
-            if state.reduced:
-                low = torch.finfo(hidden_states.dtype).min
-                attention_mask = torch.zeros(state.valid.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-                attention_mask = attention_mask.masked_fill(~state.valid, low)[:, None, None, :]   # (B, 1, 1, T')
-            state.kept.append(state.valid.sum(-1).cpu())
-            out = original(hidden_states, attention_mask, *args, **kwargs)
-            return self._drop(index, layer, out) if index in self.plan else out
+    def _layer_post(self, index: int):
+        def hook(module, args, output):
+            return self._drop(index, module, output) if self.state is not None else None
 
-        return forward
+        return hook
 
-    # ---- dropping ----------------------------------------------------------------------------------
     def _drop(self, index: int, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
         state = self.state
         b, t, d = h.shape
+        attn, captured = layer.self_attn, self._captured[index]
+
+        def heads(x):                                                               # (B, H, T, hd)
+            return x.view(b, t, attn.num_heads, -1).transpose(1, 2)
+
         attention = None
         if self.method.needs_attention:
-            attn = layer.self_attn
-            q = self._captured[index]["q"].view(b, t, attn.num_heads, -1).transpose(1, 2)   # (B, H, T, hd)
-            k = self._captured[index]["k"].view(b, t, attn.num_heads, -1).transpose(1, 2)
-            attention = mean_attention_received(q, k, attn.scaling, state.valid)          # (B, T)
+            attention = mean_attention_received(heads(captured["q"]), heads(captured["k"]), attn.scaling,
+                                                state.valid)                        # (B, T)
         inputs = ScoreInputs(layer=index, positions=state.positions, valid=state.valid, lengths=state.lengths,
-                             hidden=h, attention=attention, seed=self.config.seed)
-        scores = self.score(inputs).float()
+                             hidden=h, attention=attention, seed=self.config.seed,
+                             keys=heads(captured["k"]) if self.method.needs("keys") else None)
+        scores = self.scorer(inputs).float()
         protected = state.valid & (state.positions == state.last[:, None])               # (B, T) the </s>
         counts = ratio_counts(state.valid.sum(-1), self.plan[index], protected.sum(-1))
         slots, kept = select(scores, state.valid, protected, counts)                       # (B, T')

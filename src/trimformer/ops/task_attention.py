@@ -1,6 +1,6 @@
-"""TS-DTP scoring (seed 001): task-specific attention, combined with the layer's own [CLS] attention, and a
-dynamic threshold. Pure functions, tensors in and tensors out; the learned parameters live in
-`trimformer.tsdtp`.
+"""TS-DTP scoring: task-specific attention, combined with the layer's own [CLS] attention, and a dynamic
+threshold. Pure functions, tensors in and tensors out; the learned parameters live in
+`trimformer.pruners.tsdtp`.
 
 A token's *keep weight* is 1 (live), 0 (padding or dropped) or, while training, anything in between (a soft
 mask). Every function here reads the weights the same way, so the hard path (tokens gathered away) and the
@@ -23,7 +23,7 @@ def key_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def task_attention(queries: torch.Tensor, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Cumulative task-specific attention each token receives (the seed's token importance).
+    """Cumulative task-specific attention each token receives (TS-DTP's token importance).
 
     queries (B, T, R) = h W_task, features (B, T, R) = feature_layer(h), keep (B, T) weights ->
     (B, T): A[i, j] = softmax_j(q_i . f_j / sqrt(R) + log keep_j), averaged over queries i weighted by

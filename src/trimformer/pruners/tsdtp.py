@@ -1,12 +1,12 @@
-"""TS-DTP, task-specific dynamic token pruning (seed 001): the learned part and its checkpoint.
+"""TS-DTP, task-specific dynamic token pruning: the learned part and its checkpoint.
 
 At each pruning layer a `TaskSpecificAttention` module (a task weight matrix W (D, R) and a feature layer
 D -> R) gives every live token the task-specific attention it receives; that is mixed with the layer's own
 [CLS] attention (a learned share per layer) and compared with a learned per-layer threshold relative to
 the uniform share: tokens below it are dropped, so how many a row keeps depends on the row. Training
-(`trimformer.train.tsdtp`) fits these modules with the backbone and its classification head, under soft
-masks and an auxiliary loss on the kept share; at inference the encoder adapter drops tokens for real
-(`trim(model, method="tsdtp", pruner=DIR)`).
+(`trimformer_lab.train.tsdtp`) fits these modules with the backbone and its classification head, under soft
+masks and an auxiliary loss on the kept share; at inference the BERT adapter drops tokens for real
+(`trim(model, method="tsdtp", pruner=DIR)`, scored by `scorers/tsdtp.py`).
 
 A checkpoint is ``tsdtp.safetensors`` (the modules, mixes and thresholds) beside ``tsdtp.json`` (the model
 signature, the layers, the rank, how the threshold becomes keep counts and how it was trained), usually in
@@ -14,7 +14,7 @@ the folder of the fine-tuned model.
 
 How the threshold becomes keep counts at inference (``counts``):
 
-* ``"row"``: each row keeps its protected tokens and every token at or above the threshold (the seed's
+* ``"row"``: each row keeps its protected tokens and every token at or above the threshold (TS-DTP's
   per-row rule; a row's result does not depend on its batch). A padded batch is then as wide as the row
   that keeps the most, so on a batch the compute follows the widest row, not the kept share.
 * ``"batch"``: the threshold sets the batch's budget (the tokens it passes, summed over the rows); the
@@ -34,14 +34,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedModelError
-from .pruners.sdtp import describe_signature, model_signature
-from .scoring.task_attention import combine, relative_log_scores, task_attention, threshold_counts
+from ..errors import ConfigError
+from ..ops.task_attention import combine, relative_log_scores, task_attention
+from .sdtp import describe_signature, model_signature
 
 FORMAT = "trimformer-tsdtp"
 FORMAT_VERSION = 1
 WEIGHTS, META = "tsdtp.safetensors", "tsdtp.json"
 COUNTS = ("row", "batch")        # how the threshold becomes keep counts at inference (module docstring)
+# the attribute `trimformer.trim` keeps a trimmed model's adapter under (`trimformer.api.PATCH_ATTR`; the api
+# imports the registry, which imports this module through the scorers, so it is named here, not imported)
+PATCH_ATTR = "_trimformer_patch"
 
 
 def check_counts(counts: str) -> str:
@@ -169,30 +172,6 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-class TSDTPScorer:
-    """The encoder adapter's scorer for "tsdtp": relative log scores, and `keep_counts` (the dynamic
-    threshold), which the adapter uses in place of the schedule's ratio. `counts` ("row" or "batch", from
-    the checkpoint; `set_counts` changes it on a trimmed model) says how the threshold becomes counts."""
-
-    def __init__(self, pruner: TSDTPPruner, counts: str | None = None):
-        self.pruner = pruner
-        self.counts = check_counts(counts if counts is not None else pruner.config.counts)
-        # the thresholds as Python floats, read once (not a tensor -> float sync per layer and batch)
-        self._thresholds = {layer: float(t) for layer, t in zip(pruner.layers, pruner.threshold.detach().tolist())}
-
-    def __call__(self, inputs) -> torch.Tensor:          # inputs: methods.ScoreInputs
-        with torch.no_grad():
-            return self.pruner.relative_scores(inputs.layer, inputs.hidden, inputs.attention, inputs.valid.float())
-
-    def keep_counts(self, layer: int, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-        """(B,) tokens kept: per row, the protected ones and those at or above the layer's threshold
-        (`counts="row"`), or that batch total spread over the rows (`counts="batch"`, `batch_counts`)."""
-        counts = threshold_counts(scores, valid, protected, self._thresholds[layer])
-        if self.counts == "batch":
-            counts = batch_counts(counts, valid, protected)
-        return counts
-
-
 def batch_counts(counts: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """(B,) per-row keep counts with the same batch total as `counts`, spread over the rows in proportion
     to their droppable (live, unprotected) tokens: row b keeps its protected tokens plus share x droppable_b,
@@ -214,31 +193,15 @@ def batch_counts(counts: torch.Tensor, valid: torch.Tensor, protected: torch.Ten
     return n_protected + spread.minimum(droppable)
 
 
-def set_counts(model, counts: str) -> None:
-    """Switch a model trimmed with method "tsdtp" to `counts` ("row" or "batch") until `untrim`."""
-    from .api import PATCH_ATTR
+def set_counts(model: torch.nn.Module, counts: str) -> None:
+    """Switch a model trimmed with method "tsdtp" to `counts` ("row" or "batch") until `untrim`.
 
+    The trimmed model's adapter holds the scorer (`patch.scorer`, a `scorers.tsdtp.TaskSpecific`), whose
+    `set_counts` takes the new mode. The adapter is the one `trimformer.trim` keeps on the model under
+    `PATCH_ATTR` (`trimformer.api` reads the same attribute)."""
     check_counts(counts)
     patch = getattr(model, PATCH_ATTR, None)
-    scorer = getattr(patch, "score", None)
-    if not isinstance(scorer, TSDTPScorer):
+    setter = getattr(getattr(patch, "scorer", None), "set_counts", None)
+    if setter is None:
         raise ConfigError("set_counts needs a model trimmed with method='tsdtp'")
-    scorer.counts = counts
-
-
-def setup_tsdtp(config, model, plan: dict[int, float]) -> TSDTPScorer:
-    """`Method.setup` for "tsdtp": load `config.pruner`, check it fits the model and the schedule."""
-    from .models.encoder import find_family
-
-    family = find_family(model)
-    if family is None or family.name != "bert":
-        raise UnsupportedModelError(f"method 'tsdtp' prunes BERT-family encoders (BertModel and the Bert*For* "
-                                    f"heads); {type(model).__name__} is not one")
-    if config.pruner is None:
-        raise ConfigError("method 'tsdtp' needs pruner=PATH: a folder (or file) holding tsdtp.safetensors and "
-                          "tsdtp.json, written by `trimformer train-task`")
-    pruner = TSDTPPruner.load(config.pruner)
-    pruner.check_model(family.base.config)
-    pruner.check_plan(plan)
-    param = next(model.parameters())
-    return TSDTPScorer(pruner.to(param.device))
+    setter(counts)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 R_SCHEDULES = ("constant", "decreasing", "increasing")
 

@@ -23,6 +23,14 @@ def test_seed_config_maps_to_trim_options():
         trim_options({"options": [1, 2]})
 
 
+def test_methods_offered_are_the_registrys():
+    from trimformer.integrations.pruna import METHODS_OFFERED
+    from trimformer.registry import methods_for
+
+    assert set(METHODS_OFFERED) == set(methods_for("encoder")) | set(methods_for("decoder"))
+    assert {"tome", "tsdtp", "lazy", "runtime"} <= set(METHODS_OFFERED)
+
+
 def test_model_check():
     assert model_supported(_vit())
     assert not model_supported(torch.nn.Linear(2, 2))

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..api import trim
 from ..errors import ConfigError
+from ..patch.encoder import find_family
+from ..patch.llama import SUPPORTED
+from ..registry import methods_for
 
 ALGORITHM_NAME = "token_optimizer"
-METHODS_OFFERED = ("tome", "cls_attention", "random", "lazy", "sdtp", "static", "truncate", "runtime")
+# every method that runs on an encoder or a decoder (the models `model_supported` takes), from the registry
+METHODS_OFFERED = tuple(dict.fromkeys(methods_for("encoder") + methods_for("decoder")))
 
 
 def trim_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -47,9 +52,6 @@ def trim_options(values: dict[str, Any]) -> dict[str, Any]:
 
 def model_supported(model: Any) -> bool:
     """True for the models trimformer has an adapter for (encoders and Llama-family decoders)."""
-    from ..models import find_family
-    from ..patch.llama import SUPPORTED
-
     model = getattr(model, "model", model) if type(model).__name__.endswith("Pipeline") else model
     return find_family(model) is not None or type(model).__name__ in SUPPORTED
 
@@ -71,7 +73,7 @@ def algorithm_class():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "trimformer.integrations.pruna needs Pruna: pip install pruna (it needs a torch Pruna accepts; "
-            "see the README section 'Pruna')"
+            "see docs/serving.md, 'Pruna')"
         ) from exc
 
     class TokenOptimizer(PrunaAlgorithmBase):
@@ -109,8 +111,6 @@ def algorithm_class():
             return model_supported(model)
 
         def _apply(self, model: Any, smash_config: Any) -> Any:
-            from ..api import trim
-
             values = {name: smash_config[name] for name in ("method", "reduction_ratio", "adaptive", "r", "options")}
             target = getattr(model, "model", model) if type(model).__name__.endswith("Pipeline") else model
             trim(target, trim_options(values))

@@ -55,7 +55,7 @@ def tsdtp_options(checkpoint: str | Path, counts: str | None = None) -> dict[str
     """trim() options of a TS-DTP checkpoint folder: its pruner, its layers and "tsdtp_counts" (`counts`,
     "row" or "batch", default: the checkpoint's own), which `run_batches` applies after `trim`
     (`tsdtp.set_counts`)."""
-    from ..tsdtp import TSDTPPruner, check_counts
+    from trimformer.pruners.tsdtp import TSDTPPruner, check_counts
 
     pruner = TSDTPPruner.load(checkpoint)
     return {"method": "tsdtp", "pruner": str(checkpoint), "layers": pruner.layers,
@@ -69,7 +69,7 @@ def run_batches(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     from tqdm.auto import tqdm
 
     from ..api import stats, trim, untrim
-    from ..tsdtp import set_counts
+    from trimformer.pruners.tsdtp import set_counts
 
     if trim_options is not None:
         options = dict(trim_options)
@@ -230,7 +230,7 @@ def run_glue(task: str, checkpoint: str | Path, baseline: str | Path | None = No
     row, whose kept share the generic row matches, each other one a "tsdtp-<mode>" row. `cls_only_last`
     runs the last layer's MLP on [CLS] alone in the pruned rows (the logits do not change) and adds a
     "finetuned-cls-only-last" row: the unpruned model with only that."""
-    from ..tsdtp import checkpoint_paths
+    from trimformer.pruners.tsdtp import checkpoint_paths
 
     torch.set_num_threads(threads)
     checkpoint = Path(checkpoint)

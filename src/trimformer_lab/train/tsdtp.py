@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from ..config import default_layers
 from ..errors import ConfigError
 from ..evaluation.glue_data import TASKS, collate, load_examples, tokenize, training_batches
-from ..merging import cls_attention
-from ..models.encoder import Family, find_family
+from trimformer.ops.merge import cls_attention
+from trimformer.patch.encoder import Family, find_family
 from ..pruners.sdtp import model_signature
-from ..scoring.task_attention import key_bias, kept_share, soft_keep
-from ..tsdtp import TSDTPConfig, TSDTPPruner, check_counts
+from trimformer.ops.task_attention import key_bias, kept_share, soft_keep
+from trimformer.pruners.tsdtp import TSDTPConfig, TSDTPPruner, check_counts
 
 
 @dataclass

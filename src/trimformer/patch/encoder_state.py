@@ -18,6 +18,8 @@ from ..errors import InputError
 
 @dataclass
 class Live:
+    """The slots of the forward in flight and the input tokens they hold."""
+
     valid: torch.Tensor | None          # (B, T) bool
     size: torch.Tensor | None = None    # (B, T) float: input tokens each slot holds
     owner: torch.Tensor | None = None   # (B, N) slot holding each input token, -1 dropped

@@ -2,7 +2,8 @@
 
 from .api import is_trimmed, stats, trim, untrim
 from .config import AdaptiveOptions, EvictOptions, MergeOptions, PruneOptions, TrimConfig
-from .errors import ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedModelError
+from .errors import (ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedMethodError,
+                     UnsupportedModelError)
 from .loading import load_model
 from .registry import METHODS, SCORERS
 from .token_pruner import TokenPruner
@@ -20,6 +21,7 @@ __all__ = [
     "TrimConfig",
     "TokenPruner",
     "TrimformerError",
+    "UnsupportedMethodError",
     "UnsupportedModelError",
     "is_trimmed",
     "load_model",

@@ -19,3 +19,7 @@ class InputError(TrimformerError, ValueError):
 
 class ModelLoadError(TrimformerError, OSError):
     """A model could not be found or loaded."""
+
+
+class UnsupportedMethodError(ConfigError, UnsupportedModelError):
+    """The method does not run on this kind of model (a decoder method on an encoder, or the reverse)."""

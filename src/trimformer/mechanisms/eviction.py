@@ -18,7 +18,7 @@ from ..config import TrimConfig
 from ..errors import ConfigError
 from ..ops.attention import accumulate, last_query_attention, shadow_attention, single_query_softmax
 from ..ops.select import eviction_mask, grouped_compaction_moves, last_valid_slots
-from ..patch.attention_hook import Probe
+from .probe import Probe
 from .kv_buffer import InPlaceLayer
 from .state import LayerSlots, RuntimeState, ShadowLayer, TrimState
 

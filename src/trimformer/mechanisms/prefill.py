@@ -21,7 +21,7 @@ from ..config import TrimConfig
 from ..ops.attention import last_query_attention, newest_query_attention
 from ..ops.select import gather_rows, last_valid_slots, mass_counts, ratio_counts, select
 from ..ops.smoothing import span_max_pool
-from ..patch.attention_hook import Probe
+from .probe import Probe
 from ..registry import Method
 from ..scorers.base import ScoreInputs, Scorer
 from .state import AuxEntry, LayerSlots, TrimState

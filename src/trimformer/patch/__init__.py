@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TrimConfig
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedMethodError, UnsupportedModelError
 from ..presets import preset_for
 from ..registry import Method, methods_for
 from .base import Patch
@@ -24,22 +24,33 @@ def adapter_for(model: torch.nn.Module) -> type[Patch]:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
-    supported = "; ".join(f"{a.kind}s: {', '.join(a.architectures)}" for a in ADAPTERS)
-    raise UnsupportedModelError(f"trimformer has no adapter for {type(model).__name__}; supported {supported}")
+    raise UnsupportedModelError(f"trimformer has no adapter for {type(model).__name__}; supported {_supported()}")
 
 
 def build_patch(model: torch.nn.Module, config: TrimConfig, method: Method) -> Patch:
     """The (not yet installed) patch that applies `method` with `config` to `model`."""
     adapter = adapter_for(model)
     if adapter.kind not in method.applies_to:
-        runs_on = "; ".join(f"{a.kind}s: {', '.join(a.architectures)}" for a in ADAPTERS if a.kind in method.applies_to)
-        raise UnsupportedModelError(
-            f"method {method.name!r} runs on {runs_on}; {type(model).__name__} is a {adapter.kind}, where the "
-            f"methods are: {', '.join(methods_for(adapter.kind))}"
+        raise UnsupportedMethodError(
+            f"method {method.name!r} runs on {_supported(method.applies_to)}; {type(model).__name__} is "
+            f"{_KIND_NAMES[adapter.kind]}, whose methods are: {', '.join(methods_for(adapter.kind))}"
         )
     layers = adapter.layers(model)
     plan = config.resolve_schedule(len(layers), preset_for(model.config)) if method.prunes_prefill else {}
     return adapter(model, config, method, plan)
+
+
+_KIND_NAMES = {"decoder": "a decoder", "encoder": "an encoder", "seq2seq": "an encoder-decoder"}
+_KIND_PLURALS = {"decoder": "decoders", "encoder": "encoders", "seq2seq": "encoder-decoders"}
+
+
+def _supported(kinds: frozenset[str] | None = None) -> str:
+    """"decoders (LlamaForCausalLM, ...); encoders (...)": the architectures of the adapters of `kinds`."""
+    groups: dict[str, list[str]] = {}
+    for adapter in ADAPTERS:
+        if kinds is None or adapter.kind in kinds:
+            groups.setdefault(adapter.kind, []).extend(adapter.architectures)
+    return "; ".join(f"{_KIND_PLURALS[kind]} ({', '.join(names)})" for kind, names in groups.items())
 
 
 __all__ = ["ADAPTERS", "Patch", "adapter_for", "build_patch"]

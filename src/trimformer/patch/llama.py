@@ -23,11 +23,12 @@ from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelE
 from ..mechanisms.eviction import RuntimeEviction, new_runtime_state
 from ..mechanisms.kv_buffer import use_in_place
 from ..mechanisms.prefill import PrefillDrop
+from ..mechanisms.probe import Probe
 from ..mechanisms.state import LayerSlots, TrimState
 from ..ops.flops import prefill_flops
 from ..ops.select import gather_rows
 from ..registry import Method
-from .attention_hook import PROBE_KWARG, Probe, original_kernel, wrapped_name
+from .attention_hook import PROBE_KWARG, original_kernel, wrapped_name
 from .base import Patch
 from .cache_names import cache_from
 

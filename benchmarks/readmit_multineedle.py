@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from trimformer import stats, trim, untrim
-from trimformer.evaluation.needle import CITIES, NEEDLE, _haystack_ids, _sentence_end_before, chat_parts
 from trimformer.loading import load_model
+from trimformer_lab.evaluation.needle import CITIES, NEEDLE, _haystack_ids, _sentence_end_before, chat_parts
 
 OWN = {"readmit_threshold": 3.0, "readmit_max": 32, "readmit_layers": None}   # every layer checks its own shadow set
 VARIANTS = {

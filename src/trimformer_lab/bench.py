@@ -139,6 +139,16 @@ def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool =
     return DecodeRun(input_ids.shape[0] * new_tokens / elapsed, kv_bytes(stream.cache), [s / new_tokens for s in slots])
 
 
+def step_times(model, input_ids: torch.Tensor, steps: int, in_place: bool = False) -> list[float]:
+    """Seconds of each of `steps` greedy decode steps (forward and argmax) after an untimed prefill of
+    `input_ids` (B, T); `in_place` as in `decode_run`."""
+    stream = GreedyStream(model, input_ids, steps + 1, on_prefill=use_in_place if in_place else None,
+                          time_steps=True)
+    for _ in stream:
+        pass
+    return stream.step_s
+
+
 def ceiling_prompt_length(trimmed_mean_slots: float, new_tokens: int) -> int:
     """Prompt tokens whose cache averages `trimmed_mean_slots` slots over `new_tokens` steps (P + i slots
     after step i, as `decode_run` counts them), at least 1."""

@@ -34,7 +34,7 @@ VARIANTS = {
     "readmit every step, 3x, layers 2/7/.../27 for all": {"budget": 0.5, "readmit_layers": [2, 7, 12, 17, 22, 27]},
     "readmit every step, 3x, layers 12/15/18 for all": {"budget": 0.5, "readmit_layers": [12, 15, 18]},
     "own layer every step, 3x": {"budget": 0.5, **OWN},
-    "own layer every 4 steps, 10x, max 8 (old defaults)": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 10.0,
+    "own layer every 4 steps, 10x, max 8": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 10.0,
                                                             "readmit_max": 8, "readmit_layers": None},
 }
 NEEDLES = 4

@@ -193,3 +193,49 @@ def test_imports_inside_functions_and_relative_ones_are_read(tmp_path):
     names = imported_names(source, "trimformer_lab.train.mod")
     assert ("trimformer_lab.evaluation.needle", 2, False) in names
     assert ("trimformer_lab.bench", 4, False) in names
+
+
+# ---- the lab's commands join the CLI through entry points ---------------------------------------
+def test_the_lab_commands_join_the_cli():
+    from trimformer.cli import build_parser
+    from trimformer_lab.cli import missing_lab_dependencies
+
+    commands = build_parser().get_default("commands")
+    assert {"generate", "serve", "methods", "demo", "bench", "eval", "calibrate", "train-task",
+            "train-merge"} <= set(commands)
+    assert missing_lab_dependencies() == []          # scripts/setup.sh installs the lab extra
+
+
+def test_a_command_whose_entry_point_fails_names_the_install(monkeypatch, capsys):
+    import trimformer.cli as cli
+
+    class Broken:
+        name = "eval"
+
+        def load(self):
+            raise ImportError("No module named 'trimformer_lab'")
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [Broken()])
+    assert cli.main(["eval", "needle", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "`trimformer eval` is unavailable here" in err and 'pip install -e ".[lab]"' in err
+
+
+def test_with_no_lab_an_unknown_command_names_the_install(monkeypatch, capsys):
+    import trimformer.cli as cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert cli.main(["bench", "prefill"]) == 2
+    err = capsys.readouterr().err
+    assert "no command 'bench' here" in err and 'pip install -e ".[lab]"' in err
+
+
+def test_a_lab_command_without_the_lab_extra_says_what_to_install(monkeypatch, capsys):
+    import trimformer.cli as cli
+    import trimformer_lab.cli as lab
+
+    monkeypatch.setattr(lab, "missing_lab_dependencies", lambda: ["rouge-score"])
+    assert cli.main(["bench", "prefill", "--lengths", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "`trimformer bench` needs the lab's dependencies (rouge-score not installed)" in err
+    assert 'pip install -e ".[lab]"' in err

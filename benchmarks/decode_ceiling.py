@@ -12,32 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from trimformer import trim, untrim
-from trimformer.evaluation.needle import make_needle
 from trimformer.loading import load_model
-from trimformer.patch.cache_names import cache_kwargs, output_cache
-from trimformer.mechanisms.kv_buffer import use_in_place
+from trimformer_lab.bench import step_times
+from trimformer_lab.evaluation.needle import make_needle
 
 SKIP = 8   # steps left out of each median (warm-up)
 
 
-@torch.inference_mode()
 def median_step_ms(model, ids: torch.Tensor, steps: int, in_place: bool) -> float:
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-    if in_place:
-        use_in_place(cache)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
-        cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[SKIP:]) * 1000
+    return statistics.median(step_times(model, ids, steps, in_place)[SKIP:]) * 1000
 
 
 def main() -> None:

@@ -23,10 +23,12 @@ import time
 import torch
 
 from trimformer import trim, untrim
-from trimformer.evaluation.needle import make_needle
+from trimformer.generation import GreedyStream
 from trimformer.loading import load_model
-from trimformer.models import attention_hook, decoder, runtime
-from trimformer.patch.cache_names import cache_kwargs, output_cache
+from trimformer.mechanisms import eviction as runtime
+from trimformer.patch import attention_hook
+from trimformer.patch import llama as decoder
+from trimformer_lab.evaluation.needle import make_needle
 
 TOTAL: collections.Counter = collections.Counter()   # seconds per timed name
 CALLS: collections.Counter = collections.Counter()
@@ -51,15 +53,14 @@ def instrument() -> None:
                         ("_readmit", "readmission check"), ("_readmit_positions", "bring back in another layer")):
         setattr(runtime.RuntimeEviction, name, timed(label, getattr(runtime.RuntimeEviction, name)))
     for name, label in (("_on_start", "base-model pre-hook"), ("_on_end", "base-model post-hook")):
-        setattr(decoder.DecoderPatch, name, timed(label, getattr(decoder.DecoderPatch, name)))
-    pre, post = decoder.DecoderPatch._layer_pre, decoder.DecoderPatch._layer_post
-    decoder.DecoderPatch._layer_pre = lambda self, layer: timed("layer pre-hook", pre(self, layer))
-    decoder.DecoderPatch._layer_post = lambda self, layer: timed("layer post-hook", post(self, layer))
+        setattr(decoder.LlamaPatch, name, timed(label, getattr(decoder.LlamaPatch, name)))
+    pre, post = decoder.LlamaPatch._layer_pre, decoder.LlamaPatch._layer_post
+    decoder.LlamaPatch._layer_pre = lambda self, layer: timed("layer pre-hook", pre(self, layer))
+    decoder.LlamaPatch._layer_post = lambda self, layer: timed("layer post-hook", post(self, layer))
     wrap = attention_hook._wrap
     attention_hook._wrap = lambda original: timed("attention", wrap(original))
 
 
-@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -73,16 +74,16 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     ids = make_needle(tokenizer, args.length, depth=0.5, seed=args.length).input_ids
     trim(model, {"method": "runtime", **json.loads(args.config)})
-    try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
+
+    def count_from_here(cache) -> None:   # the prefill's hook calls are not counted
         TOTAL.clear()
         CALLS.clear()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
-            cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-        elapsed = time.perf_counter() - start
+
+    try:
+        stream = GreedyStream(model, ids, args.steps + 1, on_prefill=count_from_here, time_steps=True)
+        for _ in stream:
+            pass
+        elapsed = sum(stream.step_s)
     finally:
         untrim(model)
     print(f"{args.steps} steps after a {args.length}-token prompt: {elapsed / args.steps * 1000:.1f} ms a step")

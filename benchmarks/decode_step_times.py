@@ -17,32 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from trimformer import trim, untrim
-from trimformer.evaluation.needle import make_needle
 from trimformer.loading import load_model
-from trimformer.patch.cache_names import cache_kwargs, output_cache
-from trimformer.mechanisms.kv_buffer import use_in_place
+from trimformer_lab.bench import step_times
+from trimformer_lab.evaluation.needle import make_needle
 
 SKIP = 16
-
-
-@torch.inference_mode()
-def step_times(model, ids: torch.Tensor, steps: int, in_place: bool) -> list[float]:
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-    if in_place:
-        use_in_place(cache)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
-        cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def summary(times: list[float]) -> str:

@@ -2,7 +2,7 @@
 
 Run it through `benchmarks/kvpress_compare.sh`, which creates the separate virtual environment kvpress
 needs (transformers < 5.3) with trimformer installed into it, so the items come from the very same
-loaders (`trimformer.evaluation`) and the rows land in the same JSON/table format:
+loaders (`trimformer_lab.evaluation`) and the rows land in the same JSON/table format:
 
     benchmarks/kvpress_compare.sh longbench --limit 2 --match results/longbench.json --json results/longbench_kvpress.json
     trimformer eval report results/longbench.json results/longbench_kvpress.json --table results/longbench.md
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trimformer_lab.evaluation.backend import greedy_decode
 
 PRESSES = {
     "snapkv": "SnapKVPress",
@@ -78,7 +80,7 @@ class _Prefill:
 
 
 class KVPressBackend:
-    """A `trimformer.evaluation.runner` backend: the full model and kvpress presses."""
+    """A `trimformer_lab.evaluation` backend: the full model and kvpress presses."""
 
     name = "kvpress"
 
@@ -177,8 +179,6 @@ class KVPressBackend:
 
     # -- the backend call --
     def generate(self, model, variant, input_ids, max_new_tokens, eos, stop=None, keep_logprobs=0):
-        from trimformer.evaluation.runner import greedy_decode
-
         slot = "full" if variant.method == "full" else variant
         pre = self._prefill_for(model, slot, input_ids)
         cache = pre.caches.pop(slot)
@@ -255,10 +255,10 @@ def main(argv=None) -> int:
     import transformers
 
     import kvpress  # noqa: F401
-    from trimformer.evaluation import tasks as ev
-    from trimformer.evaluation.report import format_table
-    from trimformer.evaluation.runner import Variant
     from trimformer.loading import load_model
+    from trimformer_lab.evaluation import tasks as ev
+    from trimformer_lab.evaluation.report import format_table
+    from trimformer_lab.evaluation.variants import Variant
 
     if args.threads:
         torch.set_num_threads(args.threads)

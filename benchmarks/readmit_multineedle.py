@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from trimformer import stats, trim, untrim
-from trimformer.evaluation.needle import CITIES, NEEDLE, _haystack_ids, _sentence_end_before, chat_parts
 from trimformer.loading import load_model
+from trimformer_lab.evaluation.needle import CITIES, NEEDLE, _haystack_ids, _sentence_end_before, chat_parts
 
 OWN = {"readmit_threshold": 3.0, "readmit_max": 32, "readmit_layers": None}   # every layer checks its own shadow set
 VARIANTS = {
@@ -34,7 +34,7 @@ VARIANTS = {
     "readmit every step, 3x, layers 2/7/.../27 for all": {"budget": 0.5, "readmit_layers": [2, 7, 12, 17, 22, 27]},
     "readmit every step, 3x, layers 12/15/18 for all": {"budget": 0.5, "readmit_layers": [12, 15, 18]},
     "own layer every step, 3x": {"budget": 0.5, **OWN},
-    "own layer every 4 steps, 10x, max 8 (old defaults)": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 10.0,
+    "own layer every 4 steps, 10x, max 8": {"budget": 0.5, "readmit_every": 4, "readmit_threshold": 10.0,
                                                             "readmit_max": 8, "readmit_layers": None},
 }
 NEEDLES = 4

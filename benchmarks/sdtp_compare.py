@@ -13,40 +13,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import trimformer
-from trimformer.evaluation.needle import found, make_needle
-from trimformer.patch.cache_names import cache_kwargs, output_cache
+from trimformer.generation import GreedyStream
+from trimformer_lab.evaluation.needle import found, make_needle
 
 DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-@torch.inference_mode()
 def run(model, ids, max_new: int, eos: int):
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()
-    ttft = time.perf_counter() - start
-    state = getattr(output_cache(out), "_trimformer_state", None)
-    live = None
-    if state is not None:
-        slots = state.slots[-1]
-        live = set(slots.positions[0][slots.valid[0]].tolist())
-    token = logits.argmax(-1)
-    tokens, cache = [], output_cache(out)
-    for _ in range(max_new):
-        if int(token[0]) == eos:
-            break
-        tokens.append(int(token[0]))
-        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
-        cache = output_cache(out)
-        token = out.logits[:, -1].argmax(-1)
-    return tokens, logits, ttft, live
+    """Greedy tokens, the prefill's last-position logits (1, V), TTFT, and the positions live at the last
+    layer after the prefill (None on the full model)."""
+    after: dict = {}
+
+    def after_prefill(cache) -> None:
+        after["logits"] = stream.logits.float()
+        state = getattr(cache, "_trimformer_state", None)
+        if state is not None:
+            slots = state.slots[-1]
+            after["live"] = set(slots.positions[0][slots.valid[0]].tolist())
+
+    stream = GreedyStream(model, ids, max_new, eos, on_prefill=after_prefill)
+    tokens = [int(token[0]) for token in stream]
+    return tokens, after["logits"], stream.ttft_s, after.get("live")
 
 
 def main() -> None:

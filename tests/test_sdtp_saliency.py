@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import left_pad, make_model, make_prompt
 from trimformer.errors import InputError
-from trimformer.train.saliency import load_saliency_dir, run_saliency, token_saliency
+from trimformer_lab.train.saliency import load_saliency_dir, run_saliency, token_saliency
 
 
 def reference_saliency(model, ids, loss_mask, layer, attention_mask=None):
@@ -111,7 +111,7 @@ def test_run_saliency_writes_resumable_folder(tmp_path):
 
 
 def test_calibration_prefers_prompt_answer_pairs(tmp_path):
-    from trimformer.train.data import calibration_items
+    from trimformer_lab.train.data import calibration_items
 
     (tmp_path / "text.txt").write_text("Some plain text for chunks. " * 40)
     (tmp_path / "qa.json").write_text(json.dumps({str(k): {"origin_prompt": f"Question {k}? " * 8, "gold": [f"a{k}"]}

@@ -6,7 +6,7 @@ import torch
 
 import trimformer
 from test_smollm2 import model, smollm2  # noqa: F401  (fixtures: the model, loaded once)
-from trimformer.evaluation.needle import found, make_needle
+from trimformer_lab.evaluation.needle import found, make_needle
 from trimformer.generation import greedy
 
 

@@ -11,7 +11,7 @@ import torch
 
 import trimformer
 from trimformer.bench import bench_decode, write_json
-from trimformer.evaluation.needle import found, make_needle
+from trimformer_lab.evaluation.needle import found, make_needle
 from trimformer.generation import greedy
 
 NEEDLE_DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
 
 from trimformer import TrimformerError, trim, untrim
-from trimformer.visualize import merged_regions_png, patch_groups, text_html, text_png, token_depths
+from trimformer_lab.visualize import merged_regions_png, patch_groups, text_html, text_png, token_depths
 
 torch.set_num_threads(1)
 

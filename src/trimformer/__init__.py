@@ -5,6 +5,7 @@ from .config import AdaptiveOptions, EvictOptions, MergeOptions, PruneOptions, T
 from .errors import (ConfigError, InputError, ModelLoadError, TrimformerError, UnsupportedMethodError,
                      UnsupportedModelError)
 from .loading import load_model
+from .moved import install as _install_moved
 from .registry import METHODS, SCORERS
 from .token_pruner import TokenPruner
 
@@ -30,3 +31,4 @@ __all__ = [
     "untrim",
 ]
 __version__ = "0.1.0"
+_install_moved()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -70,6 +71,9 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """De-quantize a GGUF file once and save it as safetensors (atomically: a temp folder renamed into place)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"{gguf_path.name} is a GGUF file, and reading it needs the gguf package: pip install gguf "
+                             '(or pip install -e ".[models]")')
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .api import stats, trim, untrim
-from .config import TrimConfig
-from .errors import InputError
+from trimformer.api import stats, trim, untrim
+from trimformer.config import TrimConfig
+from trimformer.errors import InputError, ModelLoadError
+from trimformer.ops.flops import decode_step_flops
+from trimformer.generation import GreedyStream
+from trimformer.mechanisms.kv_buffer import kv_bytes, use_in_place
+
 from .evaluation.needle import make_needle
-from .ops.flops import decode_step_flops
-from .mechanisms.kv_buffer import kv_bytes, use_in_place
-from .patch.cache_names import cache_kwargs, output_cache
 
 
 @dataclass
@@ -122,25 +123,30 @@ class DecodeRun:
     mean_slots: list[float]  # (L,) cached slots each layer attended to, averaged over the steps
 
 
-@torch.inference_mode()
 def decode_run(model, input_ids: torch.Tensor, new_tokens: int, in_place: bool = False) -> DecodeRun:
-    """Prefill (untimed), then `new_tokens` greedy steps (eos ignored) of every row of `input_ids` (B, T);
+    """Prefill (untimed), then `new_tokens` timed greedy steps (eos ignored) of every row of `input_ids` (B, T);
     tokens/s counts all rows. `in_place` swaps the cache's layers for `InPlaceLayer`s after the prefill (a
     trimmed model that evicts does that itself)."""
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-    if in_place:
-        use_in_place(cache)
-    slots = [0] * len(cache.layers)
-    elapsed = 0.0
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        out = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
-        cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
-        elapsed += time.perf_counter() - start
-        for layer in range(len(slots)):   # untimed bookkeeping for the FLOPs ratio
-            slots[layer] += cache.get_seq_length(layer)
-    return DecodeRun(input_ids.shape[0] * new_tokens / elapsed, kv_bytes(cache), [s / new_tokens for s in slots])
+    stream = GreedyStream(model, input_ids, new_tokens + 1, on_prefill=use_in_place if in_place else None,
+                          time_steps=True)
+    tokens = iter(stream)
+    next(tokens)                                  # the prefill's token
+    slots = [0] * len(stream.cache.layers)
+    for _ in tokens:                              # each step's token; untimed bookkeeping for the FLOPs ratio
+        for layer in range(len(slots)):
+            slots[layer] += stream.cache.get_seq_length(layer)
+    elapsed = sum(stream.step_s)
+    return DecodeRun(input_ids.shape[0] * new_tokens / elapsed, kv_bytes(stream.cache), [s / new_tokens for s in slots])
+
+
+def step_times(model, input_ids: torch.Tensor, steps: int, in_place: bool = False) -> list[float]:
+    """Seconds of each of `steps` greedy decode steps (forward and argmax) after an untimed prefill of
+    `input_ids` (B, T); `in_place` as in `decode_run`."""
+    stream = GreedyStream(model, input_ids, steps + 1, on_prefill=use_in_place if in_place else None,
+                          time_steps=True)
+    for _ in stream:
+        pass
+    return stream.step_s
 
 
 def ceiling_prompt_length(trimmed_mean_slots: float, new_tokens: int) -> int:
@@ -230,8 +236,6 @@ def vit_model(name: str, image_size: int = 224):
     """A ViT for throughput runs: ``vit-b16-random`` (ViT-B/16 config, random weights, no download) or
     a local folder holding a ViT / DeiT / CLIP-vision checkpoint."""
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
-
-    from .errors import ModelLoadError
 
     if name == "vit-b16-random":
         torch.manual_seed(0)

@@ -1,14 +1,15 @@
-"""The main job: a long real prompt (Paul Graham essays with one fact hidden in them, and a question
+"""The demo: a long real prompt (Paul Graham essays with one fact hidden in them, and a question
 about it) answered by the same model with and without pruning, side by side."""
 
 from __future__ import annotations
 
-from .api import stats, trim, untrim
+from trimformer.api import stats, trim, untrim
+from trimformer.config import TrimConfig
+from trimformer.generation import greedy
+from trimformer.loading import load_model
+
 from .bench import time_to_first_token
-from .config import TrimConfig
 from .evaluation.needle import found, make_needle
-from .generation import greedy
-from .loading import load_model
 
 
 def run_demo(model_name: str = "smollm2-135m", length: int = 4096, depth: float = 0.35,

@@ -20,8 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from .evaluation.runner import EvalItem, Evaluation, ResultStore, Variant
+from .evaluation.items import EvalItem
+from .evaluation.runner import Evaluation
+from .evaluation.store import ResultStore
 from .evaluation.tasks import run_evaluation as run_single
+from .evaluation.variants import Variant
 
 # record fields (ttft_s, total_s, cpu_s) and summary-row fields that hold measured times
 TIMING_FIELDS = frozenset({"ttft_s", "total_s", "cpu_s", "speedup", "full_ttft_s", "trimmed_ttft_s"})

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from trimformer.errors import InputError
+
+from .data import shared_data_dir
 
 TASKS = ("sst2", "qnli")
 SPLITS = ("train", "dev")
@@ -33,7 +35,7 @@ class Example:
 
 def default_data_dir() -> Path:
     """../shared/data next to the project root."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return shared_data_dir()
 
 
 def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> list[Example]:

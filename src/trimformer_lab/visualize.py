@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, TrimformerError
-from .patch.cache_names import output_cache
+from trimformer.errors import InputError, TrimformerError
+from trimformer.patch.cache_names import output_cache
 
 PATCH_ATTR = "_trimformer_patch"
 STATE_ATTR = "_trimformer_state"

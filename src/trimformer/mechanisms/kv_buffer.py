@@ -4,7 +4,7 @@ transformers' `DynamicLayer` concatenates the new token's key and value onto the
 step: a fresh allocation and a copy of everything cached, per layer and step. A cache whose size is held
 to a budget does not need that: `InPlaceLayer` keeps its keys and values in buffers with room to spare,
 writes each new token into the room, and exposes views of the slots in use. Eviction compacts the slots
-in place and cuts the views (models/runtime.py), and the buffers shrink when a large eviction leaves them
+in place and cuts the views (mechanisms/eviction.py), and the buffers shrink when a large eviction leaves them
 mostly empty, so the memory saved is memory given back.
 """
 

@@ -280,7 +280,7 @@ class LlamaPatch(Patch):
                 self.state = TrimState.for_untrimmed_cache(self.num_layers, lengths, batch, device)
             self.state.steps += 1
             if self.runtime is not None:
-                use_in_place(cache)   # an evicting cache appends in place (models/kv_buffer.py)
+                use_in_place(cache)   # an evicting cache appends in place (mechanisms/kv_buffer.py)
         if cache is not None:
             setattr(cache, STATE_ATTR, self.state)
 

@@ -1,7 +1,7 @@
 """Evaluation: data, prompts and metrics for measuring what pruning costs in quality, and runs that put
 pruned variants beside the full model (scores, retention, TTFT speedup, kept share), resumable.
 
-    from trimformer.evaluation import longbench_items, parse_variants, run_evaluation
+    from trimformer_lab.evaluation import longbench_items, parse_variants, run_evaluation
     items = longbench_items(tokenizer, tasks="hotpotqa,trec", limit=2, budget=4096)
     data = run_evaluation("longbench", model, tokenizer, parse_variants("lazy,random", "default,0.7"),
                           items, json_path="out/longbench.json")
@@ -22,7 +22,11 @@ from .metrics import (
     token_agreement,
 )
 from .report import format_table, load_results, report, write_plots
-from .runner import EvalItem, Evaluation, ResultStore, TrimformerBackend, Variant, greedy_decode, parse_variants
+from .backend import TrimformerBackend, greedy_decode
+from .items import EvalItem
+from .runner import Evaluation
+from .store import ResultStore
+from .variants import Variant, parse_variants
 from .tasks import fidelity_items, longbench_items, needle_items, run_evaluation
 
 __all__ = [

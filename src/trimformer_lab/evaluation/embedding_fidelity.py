@@ -1,6 +1,6 @@
 """Sentence-embedding fidelity of a trimmed encoder: cosine of mean-pooled embeddings, trimmed vs full.
 
-    python -m trimformer.evaluation.embedding_fidelity --model minilm-l6 \
+    python -m trimformer_lab.evaluation.embedding_fidelity --model minilm-l6 \
         --config '{"method": "tome", "reduction_ratio": 0.3}' --json out.json
 
 reads SST-2 sentences (sst2/dev.tsv, column `text`) and QNLI questions and sentences (qnli/dev.tsv) from
@@ -16,7 +16,6 @@ per-round times.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -25,80 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..api import stats, trim, untrim
+from trimformer.api import stats, trim, untrim
+from trimformer.loading import load_model
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-
-
-def read_sentences(task: str, data: str | Path = DEFAULT_DATA, limit: int | None = None) -> list[str]:
-    """SST-2: the `text` column of sst2/dev.tsv. QNLI: questions and sentences of qnli/dev.tsv (alternating)."""
-    from ..errors import InputError
-
-    path = Path(data) / task / "dev.tsv"
-    if not path.exists():
-        raise InputError(f"no {path}: give --data, the folder holding sst2/ and qnli/")
-    out: list[str] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if task == "sst2":
-                out.append(row["text"].strip())
-            elif task == "qnli":
-                out.extend([row["question"].strip(), row["sentence"].strip()])
-            else:
-                raise InputError(f"task must be sst2 or qnli, got {task!r}")
-            if limit is not None and len(out) >= limit:
-                break
-    return [s for s in out if s][:limit]
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D), (B, T) -> (B, D): the mean over real tokens (sentence-transformers' pooling)."""
-    m = mask[:, :, None].to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-@torch.inference_mode()
-def embed(model, tokenizer, sentences: list[str], batch: int = 32, max_length: int = 128) -> torch.Tensor:
-    out = []
-    for i in range(0, len(sentences), batch):
-        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                       token_type_ids=enc.get("token_type_ids")).last_hidden_state
-        out.append(mean_pool(hidden, enc["attention_mask"]))
-    return torch.cat(out)
-
-
-@torch.inference_mode()
-def embedding_fidelity(model, tokenizer, sentences: list[str], config: dict, batch: int = 32,
-                       reference=None) -> dict:
-    """Embed with the full and the trimmed model, batch by batch; cosine per sentence and summary.
-    With `reference` (e.g. the original encoder when `model` was fine-tuned to work merged) the full
-    embeddings come from `reference`, the trimmed ones from `model`."""
-    cosines: list[float] = []
-    kept, ratios = [], []
-    for i in range(0, len(sentences), batch):
-        chunk = sentences[i:i + batch]
-        full = embed(model if reference is None else reference, tokenizer, chunk, batch)
-        trim(model, dict(config))
-        try:
-            trimmed = embed(model, tokenizer, chunk, batch)
-            s = stats(model)
-        finally:
-            untrim(model)
-        cosines += torch.nn.functional.cosine_similarity(full, trimmed, dim=-1).tolist()
-        kept.append((s["kept_fraction"], len(chunk)))
-        ratios.append((s["flop_ratio"], len(chunk)))
-    n = len(cosines)
-    ordered = sorted(cosines)
-    return {
-        "sentences": n,
-        "mean_cosine": statistics.fmean(cosines),
-        "min_cosine": ordered[0],
-        "p05_cosine": ordered[max(0, int(0.05 * n) - 1)],
-        "kept_fraction": sum(k * c for k, c in kept) / n,
-        "flop_ratio": sum(r * c for r, c in ratios) / n,
-    }
+from ..data import SHARED_DATA, read_sentences
+from ..embedding import embedding_fidelity, load_encoder
 
 
 @torch.inference_mode()
@@ -118,7 +48,7 @@ def embedding_throughput(model, tokenizer, sentences: list[str], config: dict, b
             forward(enc)
         return time.perf_counter() - start
 
-    kept, ratios, tokens = [], [], 0
+    kept, ratios = [], []
     trim(model, dict(config))
     try:
         for enc in batches:                                   # warm-up of the trimmed model, and its stats
@@ -154,9 +84,7 @@ def embedding_throughput(model, tokenizer, sentences: list[str], config: dict, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..loading import load_model
-
-    p = argparse.ArgumentParser(prog="python -m trimformer.evaluation.embedding_fidelity",
+    p = argparse.ArgumentParser(prog="python -m trimformer_lab.evaluation.embedding_fidelity",
                                 description="cosine of mean-pooled embeddings, trimmed vs full")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--config", default='{"method": "tome", "reduction_ratio": 0.3}',
@@ -165,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="trim this encoder folder instead (e.g. from `trimformer train-merge`) and compare it with "
                         "--model unpruned")
     p.add_argument("--tasks", default="sst2,qnli")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(SHARED_DATA))
     p.add_argument("--limit", type=int, default=None, help="sentences per task (default: all)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
@@ -179,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model)
     reference = None
     if args.student:
-        from ..train.merge_distill import load_encoder
-
         reference, (model, tokenizer) = model, load_encoder(args.student)
     config = json.loads(args.config)
     results = []

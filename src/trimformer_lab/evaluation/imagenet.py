@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, ModelLoadError
+from trimformer.api import stats, trim, untrim
+from trimformer.errors import InputError, ModelLoadError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 SYNSET = re.compile(r"n\d{8}")
@@ -89,8 +90,6 @@ def evaluate(model_dir: str | Path, images: str | Path, config: dict, batch: int
     alternating), with the trim's kept share and FLOP ratio."""
     from PIL import Image
     from tqdm.auto import tqdm
-
-    from ..api import stats, trim, untrim
 
     model, processor = load_classifier(model_dir)
     items = list_images(images)[:limit]

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InputError
-from .data import resolve_data_dir
+from trimformer.errors import InputError
+from ..data import resolve_data_dir
 
 SENTINEL = "<<TRIMFORMER_CONTENT>>"
 

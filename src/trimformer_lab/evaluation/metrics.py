@@ -17,6 +17,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Sequence
 
+import torch
+
 # ---- normalisation (as LongBench / SQuAD) -------------------------------------------------------
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -176,8 +178,6 @@ def prefix_agreement(reference: Sequence[int], candidate: Sequence[int], n: int)
 def kl_divergence(reference_logprobs, candidate_logprobs) -> float:
     """KL(P_ref || P_cand) in nats between two next-token distributions given as log-probabilities
     (1-D tensors or sequences over the vocabulary)."""
-    import torch
-
     p = torch.as_tensor(reference_logprobs, dtype=torch.float64).flatten()
     q = torch.as_tensor(candidate_logprobs, dtype=torch.float64).flatten()
     if p.shape != q.shape:

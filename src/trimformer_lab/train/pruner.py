@@ -30,8 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..pruners.sdtp import PrunerConfig, SaliencyPruner, checkpoint_paths, describe_signature
+from trimformer.errors import ConfigError
+from trimformer.loading import load_model
+from trimformer.pruners.sdtp import (PrunerConfig, SaliencyPruner, checkpoint_paths, describe_signature,
+                                        model_signature)
+
 from .saliency import load_saliency_dir
 
 TARGETS = ("stage", "after")
@@ -117,14 +120,10 @@ def _prepare(config: dict, seqs: list[dict], layers: list[int], opts: TrainOptio
     num_layers = int(config["signature"]["num_hidden_layers"])
     missing = [layer for layer in layers if f"hidden.{layer}" not in seqs[0]]
     if missing and model is None:
-        from ..loading import load_model
-
         print(f"[trimformer] the saliency folder has no hidden states for layers {missing}; "
               f"recomputing them with {config['model']}", flush=True)
         model, _ = load_model(config["model"])
     if missing:
-        from ..pruners.sdtp import model_signature
-
         if model_signature(model.config) != config["signature"]:
             raise ConfigError(f"the model given to recompute hidden states is not the one the saliency came from "
                               f"({describe_signature(config['signature'])})")

@@ -27,8 +27,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError
-from ..pruners.sdtp import model_signature
+from trimformer.errors import ConfigError, InputError
+from trimformer.pruners.sdtp import model_signature
+
+from .data import calibration_items, default_sources
 
 FORMAT = "trimformer-saliency"
 
@@ -172,8 +174,6 @@ def run_saliency(
     """Compute and store the saliency of the calibration sequences in `out` (resumable)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from .data import calibration_items, default_sources
 
     out = Path(out)
     num_layers = len(model.model.layers)

@@ -28,14 +28,17 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..config import default_layers
-from ..errors import ConfigError
-from ..evaluation.glue_data import TASKS, collate, load_examples, tokenize, training_batches
+from trimformer.config import default_layers
+from trimformer.errors import ConfigError
+from trimformer.loading import EMBEDDED_ENCODERS, _distribution_file
 from trimformer.ops.merge import cls_attention
 from trimformer.patch.encoder import Family, find_family
-from ..pruners.sdtp import model_signature
+from trimformer.pruners.sdtp import model_signature
 from trimformer.ops.task_attention import key_bias, kept_share, soft_keep
 from trimformer.pruners.tsdtp import TSDTPConfig, TSDTPPruner, check_counts
+
+from ..classifier import evaluate_classifier
+from ..glue_data import TASKS, collate, load_examples, tokenize, training_batches
 
 
 @dataclass
@@ -201,8 +204,6 @@ def load_backbone(opts: TaskTrainOptions):
     if opts.init is not None:
         folder = Path(opts.init)
     elif opts.model == "minilm-l6":
-        from ..loading import EMBEDDED_ENCODERS, _distribution_file
-
         folder = _distribution_file(*EMBEDDED_ENCODERS["minilm-l6"]).parent
     else:
         folder = Path(opts.model)
@@ -214,8 +215,6 @@ def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, l
     """Fine-tune on `opts.task`, evaluate on its dev split (pruning for real), save the checkpoint to `out`."""
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-
-    from ..evaluation.glue import evaluate_classifier
 
     opts.validate()
     torch.manual_seed(opts.seed)

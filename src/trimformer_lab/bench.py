@@ -4,6 +4,7 @@ ratio the FLOPs alone would allow beside the measured one."""
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from trimformer.api import stats, trim, untrim
 from trimformer.config import TrimConfig
@@ -162,8 +164,6 @@ def bench_decode(model, tokenizer, prompt_length: int, new_tokens: int, config: 
     (the unpatched model, in-place cache, on a prompt cut to the trimmed run's mean cache size: what halving
     the cache gives with no eviction work). `batch` rows of `prompt_length` tokens each (needle prompts,
     the needle at a different depth in each row)."""
-    import resource
-
     if batch < 1:
         raise InputError(f"batch must be a positive number of rows, got {batch}")
     if new_tokens < 1:
@@ -235,8 +235,6 @@ class VitRow:
 def vit_model(name: str, image_size: int = 224):
     """A ViT for throughput runs: ``vit-b16-random`` (ViT-B/16 config, random weights, no download) or
     a local folder holding a ViT / DeiT / CLIP-vision checkpoint."""
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
-
     if name == "vit-b16-random":
         torch.manual_seed(0)
         config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,

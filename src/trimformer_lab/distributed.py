@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from .evaluation.items import EvalItem
 from .evaluation.runner import Evaluation
@@ -50,8 +51,6 @@ def setup() -> Launch:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Launch()
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -116,8 +115,6 @@ def run_evaluation(launch: Launch, kind: str, model, tokenizer, variants: list[V
     if launch.world == 1:
         return run_single(kind, model, tokenizer, variants, items, json_path=json_path, settings=settings,
                           progress=progress, fidelity_tokens=fidelity_tokens, plots=plots, log=log)
-    import torch.distributed as dist
-
     path = Path(json_path) if json_path is not None else None
     if launch.rank == 0 and path is not None:
         merge_parts(path, items)

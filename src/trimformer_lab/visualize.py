@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import html
 import math
 from pathlib import Path
@@ -169,8 +170,6 @@ def _tokens(tokenizer, input_ids: torch.Tensor, row: int, info: dict) -> list[st
 
 def _palette(k: int) -> str:
     hue = (k * 0.618033988749895) % 1.0
-    import colorsys
-
     r, g, b = colorsys.hls_to_rgb(hue, 0.85, 0.6)
     return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
 

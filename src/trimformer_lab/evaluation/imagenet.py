@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from trimformer.api import stats, trim, untrim
 from trimformer.errors import InputError, ModelLoadError
@@ -73,8 +75,6 @@ def label_index(keys: list[str], config, synsets_file: str | Path | None = None)
 
 
 def load_classifier(model_dir: str | Path):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     try:
         model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation="sdpa").eval()
         processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -89,7 +89,6 @@ def evaluate(model_dir: str | Path, images: str | Path, config: dict, batch: int
     """Top-1 accuracy and images/s of the full and the trimmed model on the same batches (one process,
     alternating), with the trim's kept share and FLOP ratio."""
     from PIL import Image
-    from tqdm.auto import tqdm
 
     model, processor = load_classifier(model_dir)
     items = list_images(images)[:limit]

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import transformers
+
 from trimformer.errors import InputError
 
 from ..data import default_data_dir
@@ -173,6 +175,4 @@ def run_evaluation(kind: str, model, tokenizer, variants: list[Variant], items: 
 
 
 def model_settings(model_name: str, **extra: Any) -> dict[str, Any]:
-    import transformers
-
     return {"model": model_name, "dtype": "float32", "transformers": transformers.__version__.split("+")[0], **extra}

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from trimformer.api import stats, trim, untrim
 from trimformer.errors import ConfigError, InputError
@@ -137,9 +139,6 @@ def _dev_fidelity(student, teacher, tokenizer, dev: dict[str, list[str]], config
 
 def train_merge_distill(opts: MergeDistillOptions, out: str | Path, progress: bool = True) -> dict:
     """Train the student, save it to `out`, return the record written to out/merge_distill.json."""
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     opts.validate()
     torch.manual_seed(opts.seed)
     teacher, tokenizer = load_encoder(opts.model)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from trimformer.errors import ConfigError
 from trimformer.loading import load_model
@@ -127,8 +128,6 @@ def _prepare(config: dict, seqs: list[dict], layers: list[int], opts: TrainOptio
         if model_signature(model.config) != config["signature"]:
             raise ConfigError(f"the model given to recompute hidden states is not the one the saliency came from "
                               f"({describe_signature(config['signature'])})")
-    from tqdm.auto import tqdm
-
     out = []
     for seq in tqdm(seqs, desc="prepare", unit="seq", disable=not progress or not missing):
         ids, sal = seq["input_ids"], seq["saliency"].float()
@@ -217,8 +216,6 @@ def train_pruner(
     OUT.resume.pt, the optimizer state, to resume from). `model` is only needed when the folder lacks the
     hidden states of a stage layer (they are then recomputed; by default the model named in the folder
     is loaded)."""
-    from tqdm.auto import tqdm
-
     opts = options or TrainOptions()
     opts.validate()
     config, raw = load_saliency_dir(saliency_dir)

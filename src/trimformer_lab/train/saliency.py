@@ -21,11 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from trimformer.errors import ConfigError, InputError
 from trimformer.pruners.sdtp import model_signature
@@ -63,10 +67,6 @@ def layer_checkpointing(model: torch.nn.Module, enabled: bool):
     if not enabled:
         yield
         return
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-
     saved = [(layer, layer.training, getattr(layer, "gradient_checkpointing", False),
               getattr(layer, "_gradient_checkpointing_func", None)) for layer in layers]
     try:
@@ -172,9 +172,6 @@ def run_saliency(
     text_share: float = 0.0,
 ) -> Path:
     """Compute and store the saliency of the calibration sequences in `out` (resumable)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     out = Path(out)
     num_layers = len(model.model.layers)
     hidden_layers = sorted(set(int(x) for x in hidden_layers))
@@ -234,8 +231,6 @@ def run_saliency(
 
 def load_saliency_dir(path: str | Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """(config, [tensors of each sequence]) of a folder written by `run_saliency`."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = path / "config.json"
     if not meta.exists():

@@ -27,6 +27,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from trimformer.config import default_layers
 from trimformer.errors import ConfigError
@@ -199,8 +201,6 @@ def share_target(step: int, total: int, target: float, ramp: float) -> float:
 # ---- training ----------------------------------------------------------------------------------------
 def load_backbone(opts: TaskTrainOptions):
     """(Bert*ForSequenceClassification, tokenizer): from `init` if given, else the backbone + a new head."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
     if opts.init is not None:
         folder = Path(opts.init)
     elif opts.model == "minilm-l6":
@@ -213,9 +213,6 @@ def load_backbone(opts: TaskTrainOptions):
 
 def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, log_every: int = 20) -> TrainResult:
     """Fine-tune on `opts.task`, evaluate on its dev split (pruning for real), save the checkpoint to `out`."""
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     opts.validate()
     torch.manual_seed(opts.seed)
     model, tokenizer = load_backbone(opts)
@@ -231,8 +228,6 @@ def train_task(opts: TaskTrainOptions, out: str | Path, progress: bool = True, l
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     teacher = None
     if opts.distill > 0:
-        from transformers import BertForSequenceClassification
-
         teacher = BertForSequenceClassification.from_pretrained(opts.teacher or opts.init, num_labels=2,
                                                                 attn_implementation="sdpa").eval()
         teacher.requires_grad_(False)

@@ -13,8 +13,8 @@ from conftest import expected_counts, make_model, make_prompt, trim_state
 from test_sdtp_saliency import CharTokenizer
 from trimformer.errors import ConfigError
 from trimformer.pruners.sdtp import PrunerConfig, SaliencyPruner, model_signature
-from trimformer.train.pruner import TrainOptions, normalise_saliency, ranking_loss, train_pruner
-from trimformer.train.saliency import run_saliency
+from trimformer_lab.train.pruner import TrainOptions, normalise_saliency, ranking_loss, train_pruner
+from trimformer_lab.train.saliency import run_saliency
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 12

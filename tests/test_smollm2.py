@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trimformer
-from trimformer.bench import bench_decode, write_json
+from trimformer_lab.bench import bench_decode, write_json
 from trimformer_lab.evaluation.needle import found, make_needle
 from trimformer.generation import greedy
 

@@ -146,7 +146,7 @@ def test_bad_options_fail_before_anything_is_written(encoder_and_data, tmp_path)
                          (dict(sources=("sst2", "wiki")), "sources must be a non-empty subset")):
         with pytest.raises(ConfigError, match=message):
             train_merge_distill(MergeDistillOptions(model=str(folder), data=str(data), **bad), out, progress=False)
-    with pytest.raises(UnsupportedModelError, match="for decoder-only models"):   # refused by trim, before training
+    with pytest.raises(UnsupportedModelError, match="runs on decoders"):   # refused by trim, before training
         train_merge_distill(MergeDistillOptions(model=str(folder), data=str(data), config={"method": "lazy"}),
                             out, progress=False)
     with pytest.raises(InputError, match="neither an embedded encoder"):

@@ -109,3 +109,15 @@ def test_scorer_name_runs_as_a_method_and_equals_its_method():
             logits.append(model(ids).logits)
         trimformer.untrim(model)
     assert torch.equal(logits[0], logits[1])
+
+
+def test_methods_command_lists_the_registry(capsys):
+    from trimformer.cli import main
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.strip()}
+    for name in method_names():
+        assert name in rows, name
+    assert rows["lazy"].split()[1:3] == ["last_query", "prune"]
+    assert rows["key_norm"].split()[1:4] == ["keys", "decoder", "Devoto"]     # the scorer's own row

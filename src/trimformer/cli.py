@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import METHODS
 from .api import stats, trim
 from .config import TrimConfig
 from .errors import TrimformerError
 from .generation import greedy
 from .loading import load_model
-from .registry import get_method
+from .registry import METHODS, SCORERS, get_method
 from .serve import Engine, Server
 
 COMMAND_GROUP = "trimformer.commands"
@@ -191,8 +190,17 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    for name, method in sorted(METHODS.items()):
-        print(f"{name:10s} {method.description}")
+    """The registry: each method's scorer, mechanisms and model kinds, then each scorer's needs."""
+    print(f"{'method':14s} {'scorer':13s} {'mechanisms':12s} {'runs on':26s} what it does")
+    for name, method in METHODS.items():
+        kinds = ", ".join(sorted(method.applies_to))
+        print(f"{name:14s} {method.scorer or '-':13s} {'+'.join(sorted(method.mechanisms)):12s} {kinds:26s} "
+              f"{method.description}")
+    print("\nany method that prunes the prompt + 'runtime' adds decode-time eviction (e.g. lazy+runtime)\n")
+    print(f"{'scorer':14s} {'needs':18s} {'runs on':26s} paper")
+    for name, scorer in SCORERS.items():
+        print(f"{name:14s} {', '.join(sorted(scorer.needs)):18s} {', '.join(sorted(scorer.applies_to)):26s} "
+              f"{scorer.paper or '-'}")
     return 0
 
 

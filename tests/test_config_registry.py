@@ -121,3 +121,17 @@ def test_methods_command_lists_the_registry(capsys):
         assert name in rows, name
     assert rows["lazy"].split()[1:3] == ["last_query", "prune"]
     assert rows["key_norm"].split()[1:4] == ["keys", "decoder", "Devoto"]     # the scorer's own row
+
+
+@pytest.mark.parametrize("old, new", [
+    ("trimformer.methods", "trimformer.registry"),
+    ("trimformer.models.decoder", "trimformer.patch"),
+    ("trimformer.scoring.learned", "trimformer.scorers"),
+    ("trimformer.evaluation.needle", "trimformer_lab.evaluation"),
+    ("trimformer.tsdtp", "trimformer.pruners.tsdtp"),
+])
+def test_a_moved_module_names_its_replacement(old, new):
+    import importlib
+
+    with pytest.raises(ImportError, match=f"{old.split('.')[0]}.{old.split('.')[1]} has moved: use {new}"):
+        importlib.import_module(old)

@@ -50,7 +50,7 @@ def test_merge_unmerge_at_30_percent_does_the_work_asked_and_loses_more_than_mer
     # ToMe for Stable Diffusion's merge-and-unmerge (tome_mode="merge_unmerge"): every block merges ~30% of
     # its input for its own computation and unmerges its output. It realises the asked 30% reduction
     # (plain merging's integer r stops at ~25% here), but on this model it keeps less of the embedding:
-    # 64 SST-2 sentences gave cosine ~0.90 (merge mode: ~0.95 at kept 0.75). README, "Encoders".
+    # 64 SST-2 sentences gave cosine ~0.90 (merge mode: ~0.95 at kept 0.75); docs/encoders.md.
     model, tokenizer = minilm
     sentences = read_sentences("sst2", limit=64)
     config = {"method": "tome", "reduction_ratio": 0.3}

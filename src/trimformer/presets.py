@@ -4,7 +4,7 @@ A preset names the layers after which the model's last-query attention is known 
 question needs, and how much to keep there. Layers were chosen by measurement, not by depth:
 for SmolLM2-135M, the attention of the last 64 queries puts a hidden needle sentence in the top 0.1%
 of a 4K-token context at layers 7, 14, 17-18 and 23, and near the median at most other layers
-(see the closing note of the core issue and `benchmarks/README.md`).
+(docs/prefill.md, "Schedules and presets", and docs/results.md).
 """
 
 from __future__ import annotations

@@ -135,3 +135,41 @@ def test_a_moved_module_names_its_replacement(old, new):
 
     with pytest.raises(ImportError, match=f"{old.split('.')[0]}.{old.split('.')[1]} has moved: use {new}"):
         importlib.import_module(old)
+
+
+def test_replace_merges_groups_and_flat_writes_reach_them():
+    cfg = TrimConfig(method="lazy", layers=(1, 2), window=8, mass=0.7, adaptive_mode="mass")
+    changed = TrimConfig.coerce(cfg, {"adaptive": True, "prune": {"span": 3}})
+    assert (changed.prune.layers, changed.prune.window, changed.prune.span) == ((1, 2), 8, 3)
+    assert changed.adaptive.enabled and (changed.adaptive.mass, changed.adaptive.mode) == (0.7, "mass")
+    assert not TrimConfig().adaptive and TrimConfig(adaptive=True).adaptive     # reads as the flag
+    cfg.budget = 0.5
+    cfg.adaptive = True
+    assert cfg.evict.budget == 0.5 and cfg.adaptive.enabled
+    assert TrimConfig(mechanisms="prune").mechanisms == ("prune",)
+    with pytest.raises(ConfigError, match="scorer must be a scorer's name"):
+        TrimConfig(scorer=["key_norm"]).validate()
+
+
+def test_a_retrim_that_fails_keeps_the_previous_trim(monkeypatch):
+    from trimformer.patch.llama import LlamaPatch
+
+    ids = make_prompt(100, seed=9)
+    model = make_model("llama")
+    trimformer.trim(model, method="lazy", keep=0.5, layers=(1,))
+    with torch.no_grad():
+        before = model(ids).logits
+    install = LlamaPatch._install
+
+    def failing_for_random(self):
+        install(self)                                    # half-installed, then a failure
+        if self.method.name == "random":
+            raise RuntimeError("hook failed")
+
+    monkeypatch.setattr(LlamaPatch, "_install", failing_for_random)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        trimformer.trim(model, method="random", keep=0.5, layers=(1,))
+    assert trimformer.stats(model)["method"] == "lazy"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    trimformer.untrim(model)

@@ -24,9 +24,16 @@ def trim(model: torch.nn.Module, config: TrimConfig | dict | str | None = None, 
     cfg = TrimConfig.coerce(config, options)
     cfg.validate()
     patch = build_patch(model, cfg, resolve(cfg))
-    if is_trimmed(model):
+    previous = getattr(model, PATCH_ATTR, None)
+    if previous is not None:
         untrim(model)
-    patch.install()
+    try:
+        patch.install()
+    except Exception:
+        if previous is not None:                 # a re-trim that fails leaves the previous trim in place
+            previous.install()
+            setattr(model, PATCH_ATTR, previous)
+        raise
     setattr(model, PATCH_ATTR, patch)
     return model
 

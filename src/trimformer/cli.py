@@ -22,7 +22,7 @@ from .config import TrimConfig
 from .errors import TrimformerError
 from .generation import greedy
 from .loading import load_model
-from .registry import METHODS, SCORERS, get_method
+from .registry import METHODS, SCORERS, resolve
 from .serve import Engine, Server
 
 COMMAND_GROUP = "trimformer.commands"
@@ -99,7 +99,7 @@ def trim_config_from_args(args: argparse.Namespace) -> TrimConfig:
         options["pruner"] = args.pruner
     config = TrimConfig.from_dict(options)
     config.validate()              # fail before the model loads
-    get_method(config.method)
+    resolve(config)               # method, scorer and mechanisms too
     return config
 
 

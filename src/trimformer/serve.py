@@ -25,7 +25,7 @@ import torch
 from .api import stats, trim, untrim
 from .config import TrimConfig
 from .generation import GreedyStream
-from .registry import get_method
+from .registry import resolve
 from .serve_api import Job, RequestError, held_back, parse_request, pick
 
 MAX_BODY_BYTES = 16 << 20
@@ -45,7 +45,7 @@ class Engine:
         eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
-        protected = config.sinks + config.protect_last if config and get_method(config.method).prunes_prefill else 0
+        protected = config.sinks + config.protect_last if config and resolve(config).prunes_prefill else 0
         self.shortest_trimmed = protected + 1      # shorter prompts have nothing to prune: full model
         embed = model.get_input_embeddings().weight.device     # offloaded: meta; accelerate moves inputs
         self.device = embed if embed.type != "meta" else torch.device("cpu")

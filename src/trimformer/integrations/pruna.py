@@ -39,7 +39,10 @@ def trim_options(values: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"token_optimizer options must be a dict of TrimConfig fields, got {options!r}")
     options = dict(options)
     options["method"] = values.get("method", "tome")
-    options["adaptive"] = bool(values.get("adaptive", False))
+    if isinstance(options.get("adaptive"), dict):                 # an adaptive group: the flag switches it on
+        options["adaptive"] = {**options["adaptive"], "enabled": bool(values.get("adaptive", False))}
+    else:
+        options["adaptive"] = bool(values.get("adaptive", False))
     r = values.get("r") or 0
     if r:
         options["r"] = int(r)

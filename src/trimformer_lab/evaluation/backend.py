@@ -15,7 +15,7 @@ import torch
 
 from trimformer.api import is_trimmed, stats, trim, untrim
 from trimformer.generation import GreedyStream
-from trimformer.registry import get_method
+from trimformer.registry import resolve
 from trimformer.presets import preset_for
 
 from .variants import FULL, Variant
@@ -97,7 +97,7 @@ class TrimformerBackend:
             return {"method": FULL, "keep": 1.0}
         cfg = variant.trim_config()
         num_layers = len(model.model.layers)
-        if get_method(cfg.method).prunes_prefill:
+        if resolve(cfg).prunes_prefill:
             plan = cfg.resolve_schedule(num_layers, preset_for(model.config))
             keeps = list(plan.values())
             # `keep` of a schedule: the per-stage keep it equals on geometric average (= keep when uniform)

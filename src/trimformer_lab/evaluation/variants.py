@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from trimformer.config import TrimConfig
 from trimformer.errors import InputError
-from trimformer.registry import get_method
+from trimformer.registry import resolve
 
 FULL = "full"
 
@@ -66,7 +66,7 @@ def parse_variants(methods: str | Sequence[str], keeps: str | Sequence[str] | No
         raise InputError("no method to evaluate: pass --method lazy (or several: lazy,random,static,truncate)")
     for v in variants:
         v.trim_config()  # validate now: a clear error before any model is loaded
-        get_method(v.method)
+        resolve(v.trim_config())
     return variants
 
 

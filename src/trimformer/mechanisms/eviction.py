@@ -389,7 +389,3 @@ class RuntimeEviction:
             ],
             "shadow_bytes": rt.shadow_bytes(),
         }
-
-
-def new_runtime_state(num_layers: int) -> RuntimeState:
-    return RuntimeState(num_layers)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrimConfig
+from ..config import DEFAULT_KEEP, TrimConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..ops.merge import (
     bipartite_soft_matching,
@@ -33,7 +33,6 @@ from ..ops.merge import (
 # merge_unmerge: share of an attention block's token work one merged token saves (q, k, v, o projections:
 # "queries" merges q and o, "keys_values" k and v), see `ops.merge.unmerge_schedule`
 UNMERGE_ATTENTION_COST = {"qkv": 1.0, "queries": 0.5, "keys_values": 0.5, "none": 0.0}
-DEFAULT_KEEP = 0.5   # the share of token-layer work kept when neither r nor keep is given
 
 
 class TokenMerging:
@@ -58,7 +57,6 @@ class TokenMerging:
         if merge.r is not None:
             self.fixed: list[int] | None = parse_r(num_layers, merge.r, merge.r_schedule)
         else:
-            parse_r(num_layers, 0, merge.r_schedule)   # validates the schedule name
             self.fixed = None                           # derived from keep per forward
         self.rs: list[Any] = list(self.fixed) if self.fixed is not None else []
 

@@ -8,7 +8,7 @@ layers only, its keys entering the cache at its original position. Sinks and the
 prompt tokens are never dropped.
 
 The adapter owns the token flow (`live`: positions, validity, rotary tables of the tokens still live)
-and calls `probe` before a layer's attention and `prune` / `revive` after the layer.
+and calls `probe` before a layer's attention and `prune` / `revive_tokens` after the layer.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ..config import TrimConfig
 from ..ops.attention import last_query_attention, newest_query_attention
 from ..ops.select import gather_rows, last_valid_slots, mass_counts, ratio_counts, select
 from ..ops.smoothing import span_max_pool
-from .probe import Probe
 from ..registry import Method
 from ..scorers.base import ScoreInputs, Scorer
+from .probe import Probe
 from .state import AuxEntry, LayerSlots, TrimState
 
 

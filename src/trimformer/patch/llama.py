@@ -20,11 +20,11 @@ import torch
 
 from ..config import TrimConfig
 from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
-from ..mechanisms.eviction import RuntimeEviction, new_runtime_state
+from ..mechanisms.eviction import RuntimeEviction
 from ..mechanisms.kv_buffer import use_in_place
 from ..mechanisms.prefill import PrefillDrop
 from ..mechanisms.probe import Probe
-from ..mechanisms.state import LayerSlots, TrimState
+from ..mechanisms.state import LayerSlots, RuntimeState, TrimState
 from ..ops.flops import prefill_flops
 from ..ops.select import gather_rows
 from ..registry import Method
@@ -272,7 +272,7 @@ class LlamaPatch(Patch):
                     )
             self.state = TrimState(self.num_layers, lengths.cpu())
             if self.runtime is not None:
-                self.state.runtime = new_runtime_state(self.num_layers)
+                self.state.runtime = RuntimeState(self.num_layers)
         else:
             self.state = getattr(cache, STATE_ATTR, None)
             if self.state is None:

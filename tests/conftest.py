@@ -13,6 +13,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -35,6 +37,7 @@ ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=False)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY, sliding_window=None)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)),
 }
 
 

@@ -37,7 +37,7 @@ def _run_batch_and_alone(model, rows, ids, mask, last_index):
     return out, batch_state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_left_padded_batch_matches_rows_alone(arch):
     model = make_model(arch)
     rows = _rows()

@@ -15,7 +15,7 @@ NO_PRUNING = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("options", NO_PRUNING)
 def test_no_pruning_prefill_logits_equal(arch, options):
     model = make_model(arch)
@@ -33,7 +33,7 @@ def test_no_pruning_prefill_logits_equal(arch, options):
     trimformer.untrim(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("options", NO_PRUNING[:2])
 def test_no_pruning_greedy_generation_identical(arch, options):
     model = make_model(arch)
@@ -60,7 +60,7 @@ def test_no_pruning_batch_with_padding_equal():
     assert (out[real] - reference[real]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_untrim_restores_bit_identical(arch):
     model = make_model(arch)
     ids = make_prompt(80, seed=5)

@@ -16,7 +16,7 @@ def _untrimmed_keys(model, ids):
     return [cache.layers[layer].keys.clone() for layer in range(len(model.model.layers))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_cache_keys_up_to_the_pruning_layer_equal_untrimmed(arch):
     model = make_model(arch)
     ids = make_prompt(100, seed=21)

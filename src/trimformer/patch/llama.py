@@ -1,4 +1,4 @@
-"""Adapter for decoder-only Llama-family models (Llama, Qwen2, Mistral, SmolLM).
+"""Adapter for decoder-only Llama-family models (Llama, Qwen2, Qwen3, Mistral, SmolLM).
 
 It hooks the base model and each decoder layer; transformers' own forward runs unchanged. Per forward:
 
@@ -32,7 +32,7 @@ from .attention_hook import PROBE_KWARG, original_kernel, wrapped_name
 from .base import Patch
 from .cache_names import cache_from
 
-SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 ATTENTION_KERNELS = ("sdpa", "eager")
 STATE_ATTR = "_trimformer_state"
 

@@ -1,9 +1,17 @@
-"""LongBench: task table, loaders (a folder of MiniLongBench JSON files or a Hugging Face dataset name),
-and prompts truncated in the middle to a token budget, chat template applied, as LongBench does.
+"""LongBench v1, English and code: the task table (LongBench's prompt, generation length and metric per
+task), loaders (a folder of MiniLongBench JSON files or of LongBench's own JSONL files, one file, or a
+Hugging Face dataset name), and prompts truncated in the middle to a token budget, chat template
+applied, as LongBench does.
 
-Local files (``../shared/data/longbench/<task>.json``) hold a dict of examples, each
-``{"origin_prompt": the full LongBench prompt, "gold": [answers] (trec: {"answers": [...],
-"all_classes": [...]}), "prediction": ignored, "time": ignored}``.
+Two record formats, told apart by their fields:
+
+- MiniLongBench (``../shared/data/longbench/<task>.json``): a dict of examples, each
+  ``{"origin_prompt": the full LongBench prompt, "gold": [answers] (trec: {"answers": [...],
+  "all_classes": [...]}), "prediction": ignored, "time": ignored}``.
+- LongBench (``<task>.jsonl``, one JSON object per line, as in LongBench's ``data/``):
+  ``{"input": the question (may be empty where the template has no {input}), "context": the long
+  text, "answers": [...], "all_classes": [...] or null, "length": words, "_id": ...}``; the prompt
+  is the task's template filled with ``context`` and ``input``.
 """
 
 from __future__ import annotations
@@ -33,11 +41,18 @@ class LongBenchTask:
 
 
 # Generation lengths, metrics, chat use and prompts as in LongBench (THUDM/LongBench, MIT licence:
-# config/dataset2maxlen.json, config/dataset2prompt.json, pred.py, eval.py).
+# config/dataset2maxlen.json, config/dataset2prompt.json, pred.py, eval.py). LongBench's metric names map to
+# metrics.METRICS: qa_f1_score -> qa_f1, rouge_score -> rouge_l, classification_score -> classification,
+# count_score -> count, retrieval_score -> retrieval, code_sim_score -> code_sim.
 _QA_DOCS = ("Answer the question based on the given passages. Only give me the answer and do not output any "
             "other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the "
             "given passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:")
 TASKS: dict[str, LongBenchTask] = {t.name: t for t in [
+    LongBenchTask("narrativeqa", "single-doc QA", "qa_f1", 128, template=(
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+        "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if "
+        "possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:")),
     LongBenchTask("qasper", "single-doc QA", "qa_f1", 128, template=(
         "You are given a scientific article and a question. Answer the question as concisely as you can, using a "
         "single phrase or sentence if possible. If the question cannot be answered based on the information in the "
@@ -52,9 +67,14 @@ TASKS: dict[str, LongBenchTask] = {t.name: t for t in [
         "above text, only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:")),
     LongBenchTask("hotpotqa", "multi-doc QA", "qa_f1", 32, template=_QA_DOCS),
     LongBenchTask("2wikimqa", "multi-doc QA", "qa_f1", 32, template=_QA_DOCS),
+    LongBenchTask("musique", "multi-doc QA", "qa_f1", 32, template=_QA_DOCS),
     LongBenchTask("gov_report", "summarization", "rouge_l", 512, template=(
         "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n"
         "{context}\n\nNow, write a one-page summary of the report.\n\nSummary:")),
+    LongBenchTask("qmsum", "summarization", "rouge_l", 512, template=(
+        "You are given a meeting transcript and a query containing a question or instruction. Answer the query in "
+        "one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above meeting "
+        "transcript in one or more sentences.\n\nQuery: {input}\nAnswer:")),
     LongBenchTask("multi_news", "summarization", "rouge_l", 512, template=(
         "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
         "Now, write a one-page summary of all the news.\n\nSummary:")),
@@ -79,6 +99,8 @@ TASKS: dict[str, LongBenchTask] = {t.name: t for t in [
         "\n\nThe answer is: ")),
     LongBenchTask("lcc", "code", "code_sim", 64, chat=False, template=(
         "Please complete the code given below. \n{context}Next line of code:\n")),
+    LongBenchTask("repobench-p", "code", "code_sim", 64, chat=False, template=(
+        "Please complete the code given below. \n{context}{input}Next line of code:\n")),
 ]}
 
 GROUPS: dict[str, list[str]] = {}
@@ -93,11 +115,16 @@ class LongBenchItem:
     prompt: str                          # the full LongBench prompt (context, question, instructions)
     answers: list[str]
     all_classes: list[str] = field(default_factory=list)
+    length: int | None = None            # LongBench's `length` (words of the context), when the record has it
+
+
+def _all_selected(tasks: str | Sequence[str] | None) -> bool:
+    return tasks is None or tasks == "" or tasks == "all"
 
 
 def task_names(tasks: str | Sequence[str] | None) -> list[str]:
     """Validate a task selection ("a,b" or a list; None = all, in the table's order)."""
-    if tasks is None or tasks == "" or tasks == "all":
+    if _all_selected(tasks):
         return list(TASKS)
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     unknown = [t for t in names if t not in TASKS]
@@ -106,10 +133,59 @@ def task_names(tasks: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def _task_file(folder: Path, task: str) -> Path | None:
+    for suffix in (".json", ".jsonl"):
+        if (folder / f"{task}{suffix}").is_file():
+            return folder / f"{task}{suffix}"
+    return None
+
+
+def available_tasks(source: str | Path | None = None) -> list[str]:
+    """The known tasks that `source` holds, in the table's order: those with a ``<task>.json`` or
+    ``<task>.jsonl`` in a folder, the file's own task for a file, every task for a dataset name."""
+    if source is not None and Path(source).is_file():
+        return [_file_task(Path(source))]
+    folder = _local_folder(source)
+    if folder is None:
+        return list(TASKS)
+    return [t for t in TASKS if _task_file(folder, t) is not None]
+
+
+def select_tasks(tasks: str | Sequence[str] | None, source: str | Path | None = None) -> list[str]:
+    """A task selection for `source`: all (None, "" or "all") means every known task it holds."""
+    if not _all_selected(tasks):
+        return task_names(tasks)
+    names = available_tasks(source)
+    if not names:
+        raise InputError(f"no LongBench task files (<task>.json or <task>.jsonl) in {_local_folder(source)}; "
+                         f"known tasks: {', '.join(TASKS)}")
+    return names
+
+
+def _file_task(path: Path) -> str:
+    if path.stem not in TASKS:
+        raise InputError(f"{path}: the file name names no known LongBench task; known: {', '.join(TASKS)}")
+    return path.stem
+
+
+def _answers(where: str, value, name: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise InputError(f"{where}: {name!r} must be a non-empty list of strings, got {value!r:.200}")
+    return list(value)
+
+
 def parse_record(task: str, key: str, record: dict) -> LongBenchItem:
-    """One example of a MiniLongBench file -> item; a clear error names what is wrong."""
+    """One example -> item: a MiniLongBench example ("origin_prompt", "gold") or a LongBench record
+    ("input", "context", "answers"); a clear error names what is wrong."""
+    if task not in TASKS:
+        raise InputError(f"unknown LongBench task {task!r}; known: {', '.join(TASKS)}")
+    if isinstance(record, dict) and "origin_prompt" not in record and {"input", "context", "answers"} & set(record):
+        return parse_longbench_record(task, key, record)
     if not isinstance(record, dict) or "origin_prompt" not in record or "gold" not in record:
-        raise InputError(f"{task}[{key}]: expected an object with 'origin_prompt' and 'gold', got "
+        raise InputError(f"{task}[{key}]: expected an object with 'origin_prompt' and 'gold' (MiniLongBench) or with "
+                         f"'input', 'context' and 'answers' (LongBench), got "
                          f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
     gold = record["gold"]
     all_classes: list[str] = []
@@ -128,33 +204,88 @@ def parse_record(task: str, key: str, record: dict) -> LongBenchItem:
     return LongBenchItem(task, str(key), prompt, gold, all_classes)
 
 
+def parse_longbench_record(task: str, key: str, record: dict) -> LongBenchItem:
+    """One LongBench record (``input``, ``context``, ``answers``, ``all_classes``, ``length``) -> item,
+    its prompt the task's template filled in; the id is the record's ``_id``, else `key`."""
+    where = f"{task}[{key}]"
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [name for name in ("input", "context", "answers") if name not in record]
+    if missing:
+        raise InputError(f"{where}: a LongBench record needs 'input', 'context' and 'answers'; missing {missing}")
+    spec = TASKS[task]
+    context, question = record["context"], record["input"]
+    if not isinstance(context, str) or not context.strip():
+        raise InputError(f"{where}: 'context' must be a non-empty string")
+    if not isinstance(question, str):
+        raise InputError(f"{where}: 'input' must be a string, got {type(question).__name__}")
+    if "{input}" in spec.template and not question.strip():
+        raise InputError(f"{where}: {task}'s prompt asks a question, but 'input' is empty")
+    answers = _answers(where, record["answers"], "answers")
+    all_classes = record.get("all_classes") or []
+    if not isinstance(all_classes, list) or not all(isinstance(c, str) for c in all_classes):
+        raise InputError(f"{where}: 'all_classes' must be null or a list of strings, got {all_classes!r:.200}")
+    if spec.metric == "classification" and not all_classes:
+        raise InputError(f"{where}: a classification task needs 'all_classes'")
+    length = record.get("length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
+        raise InputError(f"{where}: 'length' must be a non-negative integer, got {length!r:.50}")
+    prompt = spec.template.format(context=context, input=question)
+    return LongBenchItem(task, str(record.get("_id", key)), prompt, answers, list(all_classes), length)
+
+
 def load_longbench(task: str, source: str | Path | None = None, limit: int | None = None) -> list[LongBenchItem]:
     """Items of one LongBench task.
 
-    `source`: a folder holding ``<task>.json`` (MiniLongBench format; default: ``longbench/`` in the
-    project's ``../shared/data``), or a Hugging Face dataset name such as ``THUDM/LongBench`` (needs
-    the `datasets` package and network access). `limit`: the first N items."""
+    `source`: a folder holding ``<task>.json`` (MiniLongBench) or ``<task>.jsonl`` (LongBench's records;
+    default: ``longbench/`` in the project's ``../shared/data``), one such file, or a Hugging Face
+    dataset name such as ``THUDM/LongBench`` (needs the `datasets` package and network access).
+    `limit`: the first N items."""
     if task not in TASKS:
         raise InputError(f"unknown LongBench task {task!r}; known: {', '.join(TASKS)}")
-    folder = _local_folder(source)
-    if folder is not None:
-        path = folder / f"{task}.json"
-        if not path.is_file():
-            raise InputError(f"no {task}.json in {folder}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON: {exc}") from exc
-        if isinstance(data, list):
-            pairs = [(str(i), r) for i, r in enumerate(data)]
-        elif isinstance(data, dict):
-            pairs = sorted(data.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
-        else:
-            raise InputError(f"{path}: expected a JSON object of examples, got {type(data).__name__}")
-        items = [parse_record(task, k, r) for k, r in pairs]
+    if source is not None and Path(source).is_file():
+        items = _read_file(task, Path(source))
     else:
-        items = _load_hf(task, str(source))
+        folder = _local_folder(source)
+        if folder is not None:
+            path = _task_file(folder, task)
+            if path is None:
+                raise InputError(f"no {task}.json (or {task}.jsonl) in {folder}")
+            items = _read_file(task, path)
+        else:
+            items = _load_hf(task, str(source))
     return items[:limit] if limit is not None else items
+
+
+def _read_file(task: str, path: Path) -> list[LongBenchItem]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {number}: not valid JSON: {exc}") from exc
+            try:
+                items.append(parse_record(task, str(len(items)), record))
+            except InputError as exc:
+                raise InputError(f"{path}, line {number}: {exc}") from exc
+        if not items:
+            raise InputError(f"{path} holds no records")
+        return items
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if isinstance(data, list):
+        pairs = [(str(i), r) for i, r in enumerate(data)]
+    elif isinstance(data, dict):
+        pairs = sorted(data.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
+    else:
+        raise InputError(f"{path}: expected a JSON object of examples, got {type(data).__name__}")
+    return [parse_record(task, k, r) for k, r in pairs]
 
 
 def _local_folder(source: str | Path | None) -> Path | None:
@@ -178,17 +309,12 @@ def _load_hf(task: str, name: str) -> list[LongBenchItem]:
         ) from exc
     from datasets import load_dataset
 
-    spec = TASKS[task]
-    rows = load_dataset(name, task, split="test")
     items = []
-    for i, row in enumerate(rows):
-        if "origin_prompt" in row:
-            prompt = row["origin_prompt"]
-        else:
-            prompt = spec.template.format(context=row["context"], input=row["input"])
-        answers = row.get("answers") or row.get("gold")
-        items.append(LongBenchItem(task, str(row.get("_id", i)), prompt, list(answers),
-                                   list(row.get("all_classes") or [])))
+    for i, row in enumerate(load_dataset(name, task, split="test")):
+        row = dict(row)
+        if "origin_prompt" in row and "gold" not in row:
+            row["gold"] = row.get("answers")
+        items.append(parse_record(task, str(i), row))
     return items
 
 

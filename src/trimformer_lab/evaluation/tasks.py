@@ -93,9 +93,10 @@ def longbench_items(tokenizer, data: str | Path | None = None, tasks: str | Sequ
                     limit: int | None = None, budget: int = 4096, chat: str = "auto",
                     max_new_tokens: int | None = None) -> dict[str, list[EvalItem]]:
     """{task: items}: prompts truncated in the middle to `budget` tokens (chat template included);
-    `max_new_tokens` caps LongBench's per-task generation length (for quick looks)."""
+    `max_new_tokens` caps LongBench's per-task generation length (for quick looks). `tasks`: None
+    or "all" selects every known task that `data` holds."""
     out: dict[str, list[EvalItem]] = {}
-    for name in lb.task_names(tasks):
+    for name in lb.select_tasks(tasks, data):
         spec = lb.TASKS[name]
         new_tokens = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
         out[name] = [

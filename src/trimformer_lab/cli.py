@@ -224,7 +224,8 @@ def add_eval(sub) -> None:
     tasks = p.add_subparsers(dest="task", required=True)
     for name, helptext in (
         ("needle", "needle in a haystack on PG essays at depths x lengths (exact match; heatmap PNG)"),
-        ("longbench", "the LongBench subset, middle-truncated to --budget tokens, LongBench's metric per task"),
+        ("longbench", "LongBench v1 (English and code; the tasks the data holds), middle-truncated to --budget "
+                      "tokens, LongBench's prompt and metric per task"),
         ("fidelity", "trimmed against full on the same prompts: greedy token agreement, ROUGE-L, first-step KL"),
     ):
         e = tasks.add_parser(name, help=helptext)

@@ -114,12 +114,15 @@ def code_sim_score(prediction: str, reference: str, **_: object) -> float:
     and the first line of the answer that is not a comment or a code fence."""
     from rapidfuzz import fuzz
 
-    line = ""
+    return float(fuzz.ratio(_code_line(prediction), reference)) / 100.0
+
+
+def _code_line(prediction: str) -> str:
+    """The first line of an answer that is not a comment or a code fence ("" if none)."""
     for candidate in prediction.lstrip("\n").split("\n"):
         if "`" not in candidate and "#" not in candidate and "//" not in candidate:
-            line = candidate
-            break
-    return float(fuzz.ratio(line, reference)) / 100.0
+            return candidate
+    return ""
 
 
 # ---- needle -------------------------------------------------------------------------------------
@@ -149,6 +152,37 @@ def best_score(metric: str, prediction: str, references: Sequence[str], all_clas
         prediction = first_line(prediction)
     fn = METRICS[metric]
     return max((fn(prediction, ref, all_classes=all_classes) for ref in references), default=0.0)
+
+
+def answer_agreement(metric: str, candidate: str, reference: str, all_classes: Sequence[str] = (),
+                     first_line_only: bool = False) -> float:
+    """The task's own metric of the candidate (trimmed model's) answer against the reference (full
+    model's) answer, in [0, 1]; 1.0 when the two (first lines, where scored so) are the same. Where the
+    metric reads a class or a number out of the reference, that is read out of the full answer: the
+    classes it names (classification), its first number (retrieval, count); a full answer naming none
+    agrees only with a candidate that names none either."""
+    if metric not in METRICS:
+        raise KeyError(f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
+    if first_line_only:
+        candidate, reference = first_line(candidate), first_line(reference)
+    if candidate == reference:
+        return 1.0
+    if metric == "classification":
+        named = [c for c in all_classes if c in reference]
+        named = [c for c in named if not any(c in other and c != other for other in named)]
+        if not named:
+            return 0.0 if any(c in candidate for c in all_classes) else 1.0
+        return max(classification_score(candidate, c, all_classes) for c in named)
+    if metric in ("retrieval", "count"):
+        numbers = re.findall(r"\d+", reference)
+        if not numbers:
+            return 0.0 if re.findall(r"\d+", candidate) else 1.0
+        return _number_share(candidate, numbers[0])
+    if metric == "code_sim":
+        return code_sim_score(candidate, _code_line(reference))
+    if not reference.strip():
+        return 0.0
+    return METRICS[metric](candidate, reference, all_classes=all_classes)
 
 
 # ---- fidelity: trimmed against full -------------------------------------------------------------

@@ -50,12 +50,16 @@ def _fmt(value: Any, pattern: str = "{:.3f}") -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], fidelity: bool = False) -> str:
-    """Markdown: one line per (task, variant), tasks in order, "average" last."""
+    """Markdown: one line per (task, variant), tasks in order, "average" last; with answer agreement and
+    first-token KL against the full model where the rows have them (LongBench)."""
+    agreement = not fidelity and any("agreement" in r for r in rows)
     head = ["task", "variant", "keep", "full", "trimmed", "retention", "TTFT speedup", "full TTFT s",
             "compute kept", "KV kept", "items"]
     if fidelity:
         head[3:5] = ["full", "token agreement"]
         head += ["ROUGE-L", "KL (nats)"]
+    if agreement:
+        head += ["agreement", "first-token KL (nats)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     tasks: list[str] = []
     for r in rows:
@@ -70,6 +74,8 @@ def format_table(rows: Sequence[dict[str, Any]], fidelity: bool = False) -> str:
                      _fmt(r.get("items"))]
             if fidelity:
                 cells += [_fmt(r.get("rouge_l")), _fmt(r.get("kl"), "{:.4f}")]
+            if agreement:
+                cells += [_fmt(r.get("agreement")), _fmt(r.get("kl"), "{:.4f}")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -208,7 +214,7 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
 def report(paths: Sequence[str | Path], out: str | Path | None = None, plots: str | Path | None = None) -> str:
     """The merged table (and group table) of several results files; written to `out` if given."""
     data = load_results(paths)
-    fidelity = any("kl" in r for r in data["results"])
+    fidelity = any("prefix" in r for r in data["results"])
     text = format_table(data["full"] + data["results"], fidelity=fidelity)
     groups = format_groups(data["groups"])
     if groups:

@@ -64,7 +64,7 @@ class Evaluation:
                 desc = {"method": v.method, "keep": described[v]["keep"], "backend": self.backend.name}
                 cells[task, v] = self.store.cell(task, v.label, fp, desc)
         todo = [(task, item, v) for task, items in self.items.items() for item in items for v in variants
-                if not self._done(cells[task, v], item)]
+                if not self._done(cells[task, v], item, [cells[task, w] for w in variants])]
         total = sum(len(items) for items in self.items.values()) * len(variants)
         if self.log:
             self.log(f"[trimformer eval] {self.kind}: {total} records, {total - len(todo)} already in "
@@ -100,12 +100,16 @@ class Evaluation:
         self.store.data["groups"] = group_rows
 
     # -- one record --
-    def _done(self, cell, item: EvalItem) -> bool:
+    def _done(self, cell, item: EvalItem, item_cells: list[dict[str, Any]]) -> bool:
         rec = cell["records"].get(item.id)
         if rec is None:
             return False
-        if self.kind == "fidelity" and cell["method"] == FULL and not self._side_path(item).exists():
-            return False  # the full model's distribution is needed by the variants still to run
+        if cell["method"] == FULL and not self._side_path(item).exists():
+            # the full model's distribution is needed by the variants still to run
+            if self.kind == "fidelity":
+                return False
+            if self.kind == "longbench" and any(item.id not in c["records"] for c in item_cells):
+                return False
         return True
 
     def _side_path(self, item: EvalItem) -> Path:
@@ -114,7 +118,7 @@ class Evaluation:
         return base / f"{safe}.pt"
 
     def _run_one(self, item, v, eos, stop, cells, full_cache) -> dict[str, Any]:
-        keep_lp = 1 if self.kind == "fidelity" else 0
+        keep_lp = 1 if self.kind in ("fidelity", "longbench") else 0
         max_new = self.fidelity_tokens if self.kind == "fidelity" else item.max_new_tokens
         cpu = time.process_time()
         decoded = self.backend.generate(self.model, v, item.input_ids, max_new, eos, stop, keep_lp)
@@ -132,6 +136,10 @@ class Evaluation:
             **({"info": decoded.info} if decoded.info else {}),
             **({"meta": item.meta} if item.meta else {}),
         }
+        if self.kind == "longbench":
+            record["score"] = item.score(text)
+            record.update(self._agreement(item, v, text, decoded, cells, full_cache))
+            return record
         if self.kind != "fidelity":
             record["score"] = item.score(text)
             return record
@@ -156,6 +164,31 @@ class Evaluation:
         record["rouge_l"] = 1.0 if both_empty else metrics.rouge_l(text, ref["text"])
         record["kl"] = metrics.kl_divergence(ref["logprobs"], decoded.logprobs[0])
         return record
+
+    def _agreement(self, item, v, text, decoded, cells, full_cache) -> dict[str, Any]:
+        """LongBench: the answer scored against the full model's answer with the task's metric, and the
+        KL of the first-token distribution from the full model's (from the prefill's logits, no extra
+        forward); the full model's own distribution is kept beside the results for the variants."""
+        first = decoded.logprobs[0].to(torch.float32) if decoded.logprobs else None
+        if v.method == FULL:
+            if first is not None and (self.side_dir or self.store.path):   # kept in memory only otherwise
+                path = self._side_path(item)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(first, path)
+            full_cache[item.task, item.id] = {"text": text[:MAX_PREDICTION_CHARS], "logprobs": first}
+            return {"agreement": 1.0, "kl": 0.0}
+        ref = full_cache.get((item.task, item.id))
+        if ref is None:
+            full_rec = cells[item.task, Variant(FULL, backend=self.backend.name)]["records"][item.id]
+            path = self._side_path(item)
+            ref = {"text": full_rec["prediction"], "logprobs": torch.load(path) if path.exists() else None}
+            full_cache[item.task, item.id] = ref
+        agreement = metrics.answer_agreement(item.metric, text[:MAX_PREDICTION_CHARS], ref["text"],
+                                             item.all_classes, item.first_line)
+        kl = None
+        if first is not None and ref["logprobs"] is not None:
+            kl = metrics.kl_divergence(ref["logprobs"], first)
+        return {"agreement": agreement, "kl": kl}
 
     def _warm_up(self, item: EvalItem, variants: list[Variant]) -> None:
         """One short untimed prefill per variant, so the first timed item does not pay for warm-up."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+from . import metrics
 from .items import EvalItem
-from .variants import Variant
+from .variants import FULL, Variant
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -21,7 +22,21 @@ def retention(full: float, trimmed: float) -> float | None:
     return 1.0 if trimmed == 0 else None
 
 
-def _aggregate(pairs: list[tuple[dict, dict]], kind: str) -> dict[str, Any]:
+def _agreement(item: EvalItem, full: dict, trimmed: dict) -> float:
+    """The record's answer agreement; for a record stored without one, scored from the two predictions."""
+    if "agreement" in trimmed:
+        return trimmed["agreement"]
+    return metrics.answer_agreement(item.metric, trimmed["prediction"], full["prediction"], item.all_classes,
+                                    item.first_line)
+
+
+def _mean_known(values: Sequence[float | None]) -> float | None:
+    known = [x for x in values if x is not None]
+    return _mean(known) if known else None
+
+
+def _aggregate(pairs: list[tuple[dict, dict]], kind: str, task_items: Sequence[EvalItem] = (),
+               full_variant: bool = False) -> dict[str, Any]:
     """Scores and timings over (full record, variant record) pairs of the same items."""
     full = [f["score"] for f, _ in pairs]
     trim = [t["score"] for _, t in pairs]
@@ -41,6 +56,12 @@ def _aggregate(pairs: list[tuple[dict, dict]], kind: str) -> dict[str, Any]:
         row["rouge_l"] = _mean([t["rouge_l"] for _, t in pairs])
         row["kl"] = _mean([t["kl"] for _, t in pairs])
         row["prefix"] = _mean([t["prefix"] for _, t in pairs])
+    if kind == "longbench":
+        if full_variant:
+            row["agreement"], row["kl"] = 1.0, 0.0
+        else:
+            row["agreement"] = _mean([_agreement(it, f, t) for it, (f, t) in zip(task_items, pairs)])
+            row["kl"] = _mean_known([t.get("kl") for _, t in pairs])   # None where no record has one
     row["retention"] = retention(row["full_score"], row["trimmed_score"])
     return row
 
@@ -61,7 +82,8 @@ def summarise_cells(items: dict[str, list[EvalItem]], variants: list[Variant], c
             if not pairs or any(f is None or t is None for f, t in pairs):
                 continue  # the cell is not finished
             per_task[task] = {"task": task, "method": v.method, "keep": cell["keep"], "label": v.label,
-                              "backend": cell.get("backend", "trimformer"), **_aggregate(pairs, kind)}
+                              "backend": cell.get("backend", "trimformer"),
+                              **_aggregate(pairs, kind, task_items, v.method == FULL)}
         if not per_task:
             continue
         rows.extend(per_task.values())
@@ -89,6 +111,9 @@ def _average(name: str, v: Variant, task_rows: Iterable[dict[str, Any]], kind: s
     if kind == "fidelity":
         for key in ("rouge_l", "kl", "prefix"):
             row[key] = _mean([r[key] for r in task_rows])
+    if kind == "longbench":
+        row["agreement"] = _mean([r["agreement"] for r in task_rows])
+        row["kl"] = _mean_known([r.get("kl") for r in task_rows])
     return row
 
 

@@ -9,24 +9,15 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_prompt
+from conftest import make_prompt
 from test_eval_runner import CountingBackend, FakeTokenizer
 
-import trimformer
 from trimformer_lab.evaluation import metrics
 from trimformer_lab.evaluation.items import EvalItem
 from trimformer_lab.evaluation.report import format_table
 from trimformer_lab.evaluation.runner import Evaluation
 from trimformer_lab.evaluation.store import ResultStore
 from trimformer_lab.evaluation.variants import Variant
-
-
-@pytest.fixture
-def tiny():
-    model = make_model("llama")
-    yield model
-    if trimformer.is_trimmed(model):
-        trimformer.untrim(model)
 
 
 def _items() -> dict[str, list[EvalItem]]:
@@ -62,9 +53,9 @@ def test_answer_agreement_uses_the_task_metric_on_the_full_answer():
     assert metrics.answer_agreement("code_sim", "a = 1\nb", "# c\na = 1") == 1.0
 
 
-def test_full_agrees_with_itself_and_pruning_lowers_agreement(tiny, tmp_path):
+def test_full_agrees_with_itself_and_pruning_lowers_agreement(llama, tmp_path):
     path = tmp_path / "lb.json"
-    ev = _evaluation(tiny, path, CountingBackend())
+    ev = _evaluation(llama, path, CountingBackend())
     ev.run()
     data = json.loads(path.read_text())
     full = {r["task"]: r for r in data["full"]}["average"]
@@ -79,9 +70,9 @@ def test_full_agrees_with_itself_and_pruning_lowers_agreement(tiny, tmp_path):
     assert "agreement" in table and "| 1.000 | 0.0000 |" in table
 
 
-def test_results_stored_without_agreement_still_load_and_resume(tiny, tmp_path):
+def test_results_stored_without_agreement_still_load_and_resume(llama, tmp_path):
     path = tmp_path / "old.json"
-    _evaluation(tiny, path, CountingBackend()).run()
+    _evaluation(llama, path, CountingBackend()).run()
     data = json.loads(path.read_text())
     expected = {(r["task"], r["method"]): r["agreement"] for r in data["results"]}
     for cell in data["cells"].values():              # as written before these fields existed
@@ -93,7 +84,7 @@ def test_results_stored_without_agreement_still_load_and_resume(tiny, tmp_path):
     for side in (tmp_path / "old.fidelity").glob("*.pt"):
         side.unlink()
     again = CountingBackend()
-    _evaluation(tiny, path, again).run()
+    _evaluation(llama, path, again).run()
     assert again.calls == []                          # nothing rerun
     resumed = json.loads(path.read_text())
     rows = {(r["task"], r["method"]): r for r in resumed["results"]}
@@ -102,16 +93,16 @@ def test_results_stored_without_agreement_still_load_and_resume(tiny, tmp_path):
     assert "n/a" in format_table(resumed["full"] + resumed["results"])
 
 
-def test_a_missing_variant_record_reruns_the_full_model_when_its_distribution_is_gone(tiny, tmp_path):
+def test_a_missing_variant_record_reruns_the_full_model_when_its_distribution_is_gone(llama, tmp_path):
     path = tmp_path / "lb.json"
-    _evaluation(tiny, path, CountingBackend()).run()
+    _evaluation(llama, path, CountingBackend()).run()
     data = json.loads(path.read_text())
     [c for c in data["cells"].values() if c["method"] == "static"][0]["records"].pop("1")
     path.write_text(json.dumps(data))
     for side in (tmp_path / "lb.fidelity").glob("*.pt"):
         side.unlink()
     again = CountingBackend()
-    _evaluation(tiny, path, again).run()
+    _evaluation(llama, path, again).run()
     assert again.calls == ["full", "static@0.2"]     # the full model's first-token distribution is needed
     rec = [c for c in json.loads(path.read_text())["cells"].values() if c["method"] == "static"][0]["records"]["1"]
     assert rec["kl"] is not None

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_prompt
+from conftest import make_prompt
 
 import trimformer
 from trimformer_lab.evaluation.backend import TrimformerBackend
@@ -57,18 +57,10 @@ def _evaluation(model, path, backend, variants=None, kind="needle", items=None, 
                       settings={"model": "tiny"}, backend=backend, progress=False, **kw)
 
 
-@pytest.fixture
-def tiny():
-    model = make_model("llama")
-    yield model
-    if trimformer.is_trimmed(model):
-        trimformer.untrim(model)
-
-
-def test_run_writes_contract_rows_and_resume_redoes_nothing(tiny, tmp_path):
+def test_run_writes_contract_rows_and_resume_redoes_nothing(llama, tmp_path):
     path = tmp_path / "out.json"
     first = CountingBackend()
-    rows = _evaluation(tiny, path, first).run()
+    rows = _evaluation(llama, path, first).run()
     assert len(first.calls) == 2 * 2 * 3            # tasks x items x (full, lazy, random)
     data = json.loads(path.read_text())
     keys = {"task", "method", "keep", "full_score", "trimmed_score", "retention", "speedup"}
@@ -80,48 +72,48 @@ def test_run_writes_contract_rows_and_resume_redoes_nothing(tiny, tmp_path):
     assert all(isinstance(r[k], float) for r in rows for k in ("full_score", "trimmed_score", "speedup"))
     assert [r["method"] for r in data["full"]] == ["full"] * 3
     assert all(0.0 < r["kv"] < 1.0 for r in rows)     # something was pruned
-    assert not trimformer.is_trimmed(tiny)
+    assert not trimformer.is_trimmed(llama)
 
     again = CountingBackend()
-    assert _evaluation(tiny, path, again).run() == rows
+    assert _evaluation(llama, path, again).run() == rows
     assert again.calls == []                           # every finished cell skipped
 
 
-def test_interrupted_run_resumes_where_it_stopped(tiny, tmp_path):
+def test_interrupted_run_resumes_where_it_stopped(llama, tmp_path):
     path = tmp_path / "out.json"
     broken = CountingBackend(fail_at=7)
     with pytest.raises(KeyboardInterrupt):
-        _evaluation(tiny, path, broken).run()
-    assert not trimformer.is_trimmed(tiny)             # never left patched
+        _evaluation(llama, path, broken).run()
+    assert not trimformer.is_trimmed(llama)             # never left patched
     saved = json.loads(path.read_text())
     assert sum(len(c["records"]) for c in saved["cells"].values()) == 7  # saved after every record
 
     resumed = CountingBackend()
-    rows = _evaluation(tiny, path, resumed).run()
+    rows = _evaluation(llama, path, resumed).run()
     assert len(resumed.calls) == 12 - 7                # only what was missing
     reference = CountingBackend()
-    fresh = _evaluation(tiny, tmp_path / "fresh.json", reference).run()
+    fresh = _evaluation(llama, tmp_path / "fresh.json", reference).run()
     strip = lambda rs: [{k: v for k, v in r.items() if "ttft" not in k and k != "speedup"} for r in rs]  # noqa: E731
     assert strip(rows) == strip(fresh)                 # same scores as an uninterrupted run
 
 
-def test_changed_configuration_or_more_items_only_run_what_is_new(tiny, tmp_path):
+def test_changed_configuration_or_more_items_only_run_what_is_new(llama, tmp_path):
     path = tmp_path / "out.json"
-    _evaluation(tiny, path, CountingBackend()).run()
+    _evaluation(llama, path, CountingBackend()).run()
     other = CountingBackend()
-    _evaluation(tiny, path, other, variants=parse_variants("lazy", "0.5", {"window": 8})).run()
+    _evaluation(llama, path, other, variants=parse_variants("lazy", "0.5", {"window": 8})).run()
     assert other.calls == ["lazy@0.5,window=8"] * 4    # a new configuration: run; the full model: reused
     more = _items()
     more["beta"].append(EvalItem(task="beta", id="9", input_ids=make_prompt(64, seed=99), references=["7"],
                                  metric="count", max_new_tokens=3))
     grown = CountingBackend()
-    _evaluation(tiny, path, grown, items=more).run()
+    _evaluation(llama, path, grown, items=more).run()
     assert sorted(grown.calls) == ["full", "lazy@0.5", "random@0.5"]  # only the new item
 
 
-def test_fidelity_is_exact_when_nothing_is_pruned(tiny, tmp_path):
+def test_fidelity_is_exact_when_nothing_is_pruned(llama, tmp_path):
     items = _items("fidelity")
-    ev = _evaluation(tiny, tmp_path / "fid.json", CountingBackend(), kind="fidelity", items=items,
+    ev = _evaluation(llama, tmp_path / "fid.json", CountingBackend(), kind="fidelity", items=items,
                      variants=[Variant("lazy", 1.0), Variant("static", 0.3)], fidelity_tokens=6)
     rows = {(r["task"], r["method"]): r for r in ev.run()}
     exact = rows["average", "lazy"]
@@ -134,13 +126,13 @@ def test_fidelity_is_exact_when_nothing_is_pruned(tiny, tmp_path):
     assert len(side) == 4 and torch.load(side[0]).shape == (128,)  # the full model's log-probabilities
 
 
-def test_greedy_decode_matches_generate(tiny):
+def test_greedy_decode_matches_generate(llama):
     """The runner's decoding loop gives HF generate's greedy tokens (full and trimmed-with-keep-1)."""
     ids = make_prompt(50, seed=3)
-    ref = tiny.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 50:].tolist()
+    ref = llama.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 50:].tolist()
     backend = TrimformerBackend()
-    assert backend.generate(tiny, Variant("full"), ids, 5, []).tokens == ref
-    assert backend.generate(tiny, Variant("lazy", 1.0), ids, 5, []).tokens == ref
+    assert backend.generate(llama, Variant("full"), ids, 5, []).tokens == ref
+    assert backend.generate(llama, Variant("lazy", 1.0), ids, 5, []).tokens == ref
 
 
 def test_store_reuses_a_cell_across_added_options_but_not_changed_values(tmp_path):
@@ -158,19 +150,19 @@ def test_store_reuses_a_cell_across_added_options_but_not_changed_values(tmp_pat
     assert reloaded.cell("t", "lazy@0.5", other_settings, {})["records"] == {}
 
 
-def test_runtime_variant_reports_the_kv_share_left_at_the_end(tiny):
+def test_runtime_variant_reports_the_kv_share_left_at_the_end(llama):
     # Decode-time eviction keeps the whole prompt through the prefill; the share reported is what
     # the cache holds after decoding, of every token seen (prompt + generated, per layer).
     prompt = make_prompt(64, seed=3)
     variant = Variant("runtime", None, (("budget", 0.5), ("evict_every", 1), ("readmit_every", 0), ("recent", 8)))
-    decoded = TrimformerBackend().generate(tiny, variant, prompt, max_new_tokens=4, eos=[])
+    decoded = TrimformerBackend().generate(llama, variant, prompt, max_new_tokens=4, eos=[])
     assert decoded.compute_share == 1.0
-    layers = len(tiny.model.layers)
+    layers = len(llama.model.layers)
     seen = layers * (64 + 3)               # the last generated token is never fed back
     in_cache = layers * math.ceil(0.5 * (64 + 3))
     assert decoded.kv_share == pytest.approx(in_cache / seen)
     assert decoded.info["evicted"] == seen - in_cache and decoded.info["readmitted"] == 0
-    described = TrimformerBackend().describe(tiny, variant)
+    described = TrimformerBackend().describe(llama, variant)
     assert described["keep"] == 0.5 and described["schedule"] == {}   # the budget; no prefill schedule
 
 

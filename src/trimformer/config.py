@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ class TrimConfig:
     seed: int = 0                           # for the random scorer and ToMe's random destinations
     pruner: str | None = None               # a learned pruner (methods "sdtp", "tsdtp"); None: the shipped one
     cls_only_last: bool = False             # encoders read through [CLS]: the last layer's MLP runs on [CLS] only
+    preset: str | None = None               # a preset JSON file (docs/calibration.md); None: found by fingerprint
     prune: PruneOptions = field(default_factory=PruneOptions)
     evict: EvictOptions = field(default_factory=EvictOptions)
     merge: MergeOptions = field(default_factory=MergeOptions)
@@ -80,6 +82,8 @@ class TrimConfig:
                 setattr(groups[group], name, tuple(value))
         if isinstance(self.mechanisms, (list, str)):
             self.mechanisms = (self.mechanisms,) if isinstance(self.mechanisms, str) else tuple(self.mechanisms)
+        if isinstance(self.preset, os.PathLike):            # a Path is kept as its string (JSON-ready)
+            self.preset = os.fspath(self.preset)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -151,6 +155,13 @@ class TrimConfig:
         if self.protect_last < 1:
             raise ConfigError("protect_last must be >= 1: the token being predicted is never pruned")
         check_bool("cls_only_last", self.cls_only_last)
+        if self.preset is not None:
+            if not isinstance(self.preset, str) or not self.preset:
+                raise ConfigError(f"preset must be the path of a preset JSON file (or None: the model's preset is "
+                                  f"found by its fingerprint), got {self.preset!r}")
+            if not os.path.isfile(self.preset):
+                raise ConfigError(f"preset file {self.preset} does not exist; give the path of a file written by "
+                                  f"`trimformer calibrate schedule` or `trimformer tune`")
         for name, cls in GROUPS.items():
             group = getattr(self, name)
             if not isinstance(group, cls):
@@ -161,7 +172,8 @@ class TrimConfig:
 
     def resolve_schedule(self, num_layers: int, preset: dict[int, float] | None = None) -> dict[int, float]:
         """The {layer: keep} plan for a model with `num_layers` layers (validated against it).
-        `preset` is the model's measured default schedule, if it has one."""
+        `preset` is the model's measured default schedule, if it has one (`presets.preset_for`, which reads
+        the file of the ``preset`` option first); an explicit `schedule` or `layers` wins over it."""
         self.validate()
         prune = self.prune
         if prune.schedule is not None:

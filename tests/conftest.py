@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -38,6 +40,13 @@ ARCHS = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=False)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY, sliding_window=None)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)),
+    # sliding-window attention: a window of 16 positions, shorter than the test prompts
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **TINY, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)),
+    "mistral-sliding": lambda: MistralForCausalLM(MistralConfig(**TINY, sliding_window=16)),
+    "qwen2-sliding": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=16,
+                                                          max_window_layers=3)),
 }
 
 

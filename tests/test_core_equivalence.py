@@ -15,7 +15,10 @@ NO_PRUNING = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "mistral-sliding", "qwen2-sliding"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("options", NO_PRUNING)
 def test_no_pruning_prefill_logits_equal(arch, options):
     model = make_model(arch)
@@ -33,7 +36,7 @@ def test_no_pruning_prefill_logits_equal(arch, options):
     trimformer.untrim(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("options", NO_PRUNING[:2])
 def test_no_pruning_greedy_generation_identical(arch, options):
     model = make_model(arch)
@@ -48,8 +51,9 @@ def test_no_pruning_greedy_generation_identical(arch, options):
     trimformer.untrim(model)
 
 
-def test_no_pruning_batch_with_padding_equal():
-    model = make_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_no_pruning_batch_with_padding_equal(arch):
+    model = make_model(arch)
     rows = [make_prompt(50, seed=3)[0], make_prompt(35, seed=4)[0]]
     ids, mask = left_pad(rows)
     with torch.no_grad():
@@ -60,7 +64,7 @@ def test_no_pruning_batch_with_padding_equal():
     assert (out[real] - reference[real]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_untrim_restores_bit_identical(arch):
     model = make_model(arch)
     ids = make_prompt(80, seed=5)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import trimformer
 from trimformer import ConfigError, InputError, TrimConfig, TrimformerError, UnsupportedModelError
@@ -82,14 +82,9 @@ def _bert():
                                 intermediate_size=128, max_position_embeddings=128)).eval()
 
 
-def _mistral_sliding():
-    return MistralForCausalLM(MistralConfig(**TINY, sliding_window=32)).eval()
-
-
 @pytest.mark.parametrize("factory, name, accepted", [
     (_gpt2, "GPT2LMHeadModel", "LlamaForCausalLM"),
     (_bert, "BertModel", "LlamaForCausalLM"),
-    (_mistral_sliding, "MistralForCausalLM", "sliding_window=None"),
 ])
 def test_unsupported_architecture(factory, name, accepted):
     torch.manual_seed(0)

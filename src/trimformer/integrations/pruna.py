@@ -23,6 +23,7 @@ from typing import Any
 from ..api import trim
 from ..errors import ConfigError
 from ..patch.encoder import find_family
+from ..patch.gemma3 import Gemma3Patch
 from ..patch.llama import SUPPORTED
 from ..registry import methods_for
 
@@ -56,7 +57,7 @@ def trim_options(values: dict[str, Any]) -> dict[str, Any]:
 def model_supported(model: Any) -> bool:
     """True for the models trimformer has an adapter for (encoders and Llama-family decoders)."""
     model = getattr(model, "model", model) if type(model).__name__.endswith("Pipeline") else model
-    return find_family(model) is not None or type(model).__name__ in SUPPORTED
+    return find_family(model) is not None or type(model).__name__ in SUPPORTED + Gemma3Patch.architectures
 
 
 _CLASS = None

@@ -11,12 +11,13 @@ from ..registry import Method, methods_for
 from .base import Patch
 from .bert import BertPatch
 from .clip import ClipPatch
+from .gemma3 import Gemma3Patch
 from .llama import LlamaPatch
 from .marian import MarianPatch
 from .vit import ViTPatch
 
 # the first that matches takes the model (decoders last: their check is the broadest)
-ADAPTERS: tuple[type[Patch], ...] = (BertPatch, ViTPatch, ClipPatch, MarianPatch, LlamaPatch)
+ADAPTERS: tuple[type[Patch], ...] = (BertPatch, ViTPatch, ClipPatch, MarianPatch, Gemma3Patch, LlamaPatch)
 
 
 def adapter_for(model: torch.nn.Module) -> type[Patch]:
@@ -36,7 +37,10 @@ def build_patch(model: torch.nn.Module, config: TrimConfig, method: Method) -> P
             f"{_KIND_NAMES[adapter.kind]}, whose methods are: {', '.join(methods_for(adapter.kind))}"
         )
     layers = adapter.layers(model)
-    plan = config.resolve_schedule(len(layers), preset_for(model.config)) if method.prunes_prefill else {}
+    plan = {}
+    if method.prunes_prefill:
+        given = config.prune.schedule is not None or config.prune.layers is not None   # the user's layers win
+        plan = config.resolve_schedule(len(layers), None if given else preset_for(model.config, config.preset))
     return adapter(model, config, method, plan)
 
 

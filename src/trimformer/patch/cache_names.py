@@ -43,3 +43,20 @@ def drop_cache_kwargs(kwargs: dict[str, Any]) -> None:
     """Remove the cache keyword under either name (for layers that must run without one)."""
     for name in _NAMES:
         kwargs.pop(name, None)
+
+
+def keep_every_slot(cache: Any, windows: list[int | None]) -> None:
+    """Give each sliding-window layer of an empty dynamic cache a full layer instead: a pruned prompt's slots
+    no longer lie one position apart, so the window is applied by original position in the attention mask,
+    and trimformer's record of which slot holds which position stays valid (a sliding layer drops slots by
+    count). Layers already holding tokens, and other cache types, are left as they are."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for index, window in enumerate(windows):
+        if window is not None and index < len(layers):
+            layer = layers[index]
+            if isinstance(layer, DynamicSlidingWindowLayer) and not layer.is_initialized:
+                layers[index] = DynamicLayer()

@@ -13,7 +13,6 @@ It hooks the base model and each decoder layer; transformers' own forward runs u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,107 +25,35 @@ from ..mechanisms.prefill import PrefillDrop
 from ..mechanisms.probe import Probe
 from ..mechanisms.state import LayerSlots, RuntimeState, TrimState
 from ..ops.flops import prefill_flops
-from ..ops.select import gather_rows
 from ..registry import Method
 from .attention_hook import PROBE_KWARG, original_kernel, wrapped_name
 from .base import Patch
-from .cache_names import cache_from
+from .cache_names import cache_from, keep_every_slot
+from .live import Live, cached_slots, execution_device
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 ATTENTION_KERNELS = ("sdpa", "eager")
 STATE_ATTR = "_trimformer_state"
 
 
-@dataclass
-class _Live:
-    """The tokens flowing through the layers during one forward."""
-
-    positions: torch.Tensor   # (B, Q) original positions
-    valid: torch.Tensor       # (B, Q) bool
-    source: torch.Tensor      # (B, Q) index in the input sequence, -1 for revived tokens
-    cos: torch.Tensor         # (B, Q, hd) rotary embeddings at `positions`
-    sin: torch.Tensor         # (B, Q, hd)
-    n_input: int              # input tokens of this forward (revived tokens come after them)
-    prefill: bool
-    in_order: bool = True     # slots sorted by position with no past: the plain causal mask holds
-    _n_valid: int | None = None  # valid.sum(), counted once per change of `valid` (every layer reads it)
-    _newest: tuple[torch.Tensor, torch.Tensor] | None = None   # `newest()`, until the tokens change
-
-    def n_valid(self) -> int:
-        if self._n_valid is None:
-            self._n_valid = int(self.valid.sum())
-        return self._n_valid
-
-    def all_valid(self) -> bool:
-        return self.n_valid() == self.valid.numel()
-
-    def newest(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index (B, 1), position (B, 1)) of the last input token: the query that decoding scores with."""
-        if self._newest is None:
-            index = torch.full((self.positions.shape[0], 1), self.n_input - 1, device=self.positions.device)
-            self._newest = index, self.positions.gather(1, index)
-        return self._newest
-
-    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        self.positions = self.positions.gather(1, index)
-        self.source = self.source.gather(1, index)
-        self.cos = gather_rows(self.cos, index)
-        self.sin = gather_rows(self.sin, index)
-        self.valid, self._n_valid, self._newest = valid, None, None
-
-    def extend(self, positions, valid, cos, sin) -> None:
-        self.positions = torch.cat([self.positions, positions], 1)
-        self.valid, self._n_valid, self._newest = torch.cat([self.valid, valid], 1), None, None
-        self.source = torch.cat([self.source, torch.full_like(positions, -1)], 1)
-        self.cos = torch.cat([self.cos, cos], 1)
-        self.sin = torch.cat([self.sin, sin], 1)
-        self.in_order = False
-
-    def to(self, device: torch.device) -> None:
-        """Follow the layer about to run onto its device (a no-op when it is already there)."""
-        if self.positions.device == device:
-            return
-        for name in ("positions", "valid", "source", "cos", "sin"):
-            setattr(self, name, getattr(self, name).to(device))
-        self._newest = None
+def layer_windows(config) -> list[int | None]:
+    """The sliding window of each layer (None for a layer with global attention): from `layer_types` where
+    the config has them (Gemma 3, Qwen2/Qwen3 with `use_sliding_window`), else Mistral's `sliding_window`."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types[:n]]
+    return [window if config.model_type == "mistral" else None] * n
 
 
-def execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
-    """Where `module` computes: the execution device of accelerate's hook on it (`device_map`, CPU or
-    disk offload: its weights may wait on the meta device), else `fallback` (its input's device)."""
-    hook = module.__dict__.get("_hf_hook")   # accelerate sets it as a plain attribute (no nn.Module lookup)
-    for part in getattr(hook, "hooks", (hook,)):       # a SequentialHook holds several
-        device = getattr(part, "execution_device", None)
-        if device is not None:
-            return torch.device(device)   # an int is an index on the machine's accelerator
-    return fallback
-
-
-def _cached_slots(cache, layer: int) -> int:
-    """Slots in the cache of `layer` (`cache.get_seq_length(layer)`, read straight from an initialised layer's
-    keys: the pre-hooks ask once per layer and step)."""
-    layers = getattr(cache, "layers", None)
-    layer_cache = layers[layer] if layers is not None and layer < len(layers) else None
-    if getattr(layer_cache, "is_initialized", False) and getattr(layer_cache, "keys", None) is not None:
-        return layer_cache.keys.shape[-2]
-    return cache.get_seq_length(layer)
-
-
-def check_supported(model: torch.nn.Module) -> None:
+def check_supported(model: torch.nn.Module, supported: tuple[str, ...] = SUPPORTED) -> None:
     name = type(model).__name__
-    if name not in SUPPORTED:
+    if name not in supported:
         raise UnsupportedModelError(
-            f"trimformer has no adapter for {name}; supported decoder architectures: {', '.join(SUPPORTED)}"
+            f"trimformer has no adapter for {name}; supported decoder architectures: {', '.join(supported)}"
         )
-    config = model.config
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
-        name == "MistralForCausalLM" and getattr(config, "sliding_window", None)
-    ):
-        raise UnsupportedModelError(
-            f"{name} with sliding-window attention is not supported (its cache drops slots on its own); "
-            "use a config with sliding_window=None"
-        )
-    kernel = original_kernel(config._attn_implementation)
+    kernel = original_kernel(model.config._attn_implementation)
     if kernel not in ATTENTION_KERNELS:
         raise UnsupportedModelError(
             f"attention implementation {kernel!r} is not supported; load the model with "
@@ -141,13 +68,19 @@ class LlamaPatch(Patch):
     architectures = SUPPORTED
 
     def __init__(self, model: torch.nn.Module, config: TrimConfig, method: Method, plan: dict[int, float]):
-        check_supported(model)
+        check_supported(model, self.architectures)
         if config.cls_only_last:
             raise ConfigError("cls_only_last is for encoders read through [CLS] (BERT-family classifiers); a "
                               "decoder's output is its last token's")
         super().__init__(model, config, method, plan)
         self.base = model.model
         self.num_layers = len(self.base.layers)
+        self.windows = layer_windows(model.config)     # per layer: sliding window, or None for global attention
+        if method.evicts and any(self.windows):
+            raise ConfigError(
+                f"{method.name!r} evicts from the KV cache while decoding, which trimformer does not do on models "
+                "with sliding-window layers; use a prefill method (e.g. 'lazy' or 'sdtp')"
+            )
         self.revive = method.revive_default if config.prune.revive is None else config.prune.revive
         if self.revive and method.evicts and method.prunes_prefill:
             raise ConfigError(
@@ -156,12 +89,13 @@ class LlamaPatch(Patch):
                 "runtime's shadow set brings evicted tokens back) or the prefill method alone"
             )
         self.prefill = PrefillDrop(config, method, plan, method.build_scorer(config, model, plan), self.revive,
-                                   self.base.rotary_emb) if method.prunes_prefill else None
+                                   self._rotary) if method.prunes_prefill else None
         self.runtime = RuntimeEviction(config, self.num_layers) if method.evicts else None
-        self.live: _Live | None = None
+        self.live: Live | None = None
         self.state: TrimState | None = None     # state of the sequence in flight (also kept for stats)
         self._original_attn: str | None = None
         self._kernel = original_kernel(model.config._attn_implementation)   # "sdpa" or "eager"
+        self._mask_memo: tuple | None = None    # (inputs, window, mask) of the last mask: layers between stages share it
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
@@ -188,6 +122,14 @@ class LlamaPatch(Patch):
             self.model.config._attn_implementation = self._original_attn
             self._original_attn = None
         self.live = None
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, N, hd) of the model's rotary table at `positions` (B, N)."""
+        return self.base.rotary_emb(x, positions)
+
+    def _position_embeddings(self, layer: int, live: Live) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embeddings layer `layer` takes for the live tokens."""
+        return live.cos, live.sin
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -282,17 +224,19 @@ class LlamaPatch(Patch):
             if self.runtime is not None:
                 use_in_place(cache)   # an evicting cache appends in place (mechanisms/kv_buffer.py)
         if cache is not None:
+            if prefill:
+                keep_every_slot(cache, self.windows)
             setattr(cache, STATE_ATTR, self.state)
 
         dtype = self.base.embed_tokens.weight.dtype
-        cos, sin = self.base.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
+        cos, sin = self._rotary(torch.empty(0, dtype=dtype, device=device), positions)
         cos, sin = cos.to(device).expand(batch, -1, -1), sin.to(device).expand(batch, -1, -1)
         source = torch.arange(length, device=device).expand(batch, -1)
-        self.live = _Live(positions, valid, source, cos, sin, length, prefill, in_order=prefill)
+        self.live = Live(positions, valid, source, cos, sin, length, prefill, in_order=prefill)
 
     def _on_end(self, module, args, kwargs, output):
         live, state = self.live, self.state
-        self.live = None
+        self.live, self._mask_memo = None, None
         if live is None:
             return output
         if self.runtime is not None and not live.prefill:
@@ -318,7 +262,7 @@ class LlamaPatch(Patch):
             live.to(device)
             cache = cache_from(kwargs)
             previous = state.slots[layer].to(device) if cache is not None and state.slots[layer] is not None else None
-            if previous is not None and previous.positions.shape[1] != _cached_slots(cache, layer):
+            if previous is not None and previous.positions.shape[1] != cached_slots(cache, layer):
                 raise InputError(
                     f"the KV cache of layer {layer} holds {cache.get_seq_length(layer)} slots but trimformer "
                     f"tracked {previous.positions.shape[1]}: was it changed outside the trimmed model?"
@@ -336,8 +280,8 @@ class LlamaPatch(Patch):
             if state.runtime is not None:
                 state.runtime.seen[layer] += live.n_valid()
 
-            kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module)
-            kwargs["position_embeddings"] = (live.cos, live.sin)
+            kwargs["attention_mask"] = self._mask(live, keys, previous is not None, module, self.windows[layer])
+            kwargs["position_embeddings"] = self._position_embeddings(layer, live)
             kwargs["position_ids"] = live.positions
             probe = self._probe(layer, live, keys)
             if probe is not None:
@@ -346,24 +290,38 @@ class LlamaPatch(Patch):
 
         return hook
 
-    def _mask(self, live: _Live, keys: LayerSlots, has_past: bool, layer: torch.nn.Module) -> torch.Tensor | None:
+    def _mask(self, live: Live, keys: LayerSlots, has_past: bool, layer: torch.nn.Module,
+              window: int | None = None) -> torch.Tensor | None:
         """None when SDPA's own causal (or single-query) path is exact, else a (B, 1, Q, K) mask by
-        original position: a query sees valid keys at or before its position, and its own slot.
-        Bool for SDPA; additive (0 / dtype min) for eager attention, which applies no causal mask itself."""
+        original position: a query sees valid keys at or before its position (and, in a sliding-window layer,
+        less than `window` positions back), and its own slot. Bool for SDPA; additive (0 / dtype min) for
+        eager attention, which applies no causal mask itself."""
         q = live.positions.shape[1]
-        if self._kernel == "sdpa" and keys.all_valid() and ((live.in_order and not has_past) or q == 1):
+        plain = keys.all_valid() and ((live.in_order and not has_past) or q == 1)
+        if window is not None and plain:
+            plain = int(live.positions.max()) - int(keys.positions.min()) < window
+        if self._kernel == "sdpa" and plain:
             return None
+        inputs = (live.positions, live.valid, keys.positions, keys.valid)
+        memo = self._mask_memo
+        if memo is not None and memo[1] == window and all(a is b for a, b in zip(memo[0], inputs)):
+            return memo[2]
         k = keys.positions.shape[1]
         allowed = keys.valid[:, None, :] & (keys.positions[:, None, :] <= live.positions[:, :, None])
+        if window is not None:
+            allowed &= keys.positions[:, None, :] > live.positions[:, :, None] - window
         own = torch.arange(k - q, k, device=allowed.device)
         allowed[:, torch.arange(q, device=allowed.device), own] = True
         if self._kernel == "eager":
             dtype = next(layer.parameters()).dtype
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)[:, None]
-        return allowed[:, None]
+        else:
+            mask = allowed[:, None]
+        self._mask_memo = (inputs, window, mask)
+        return mask
 
-    def _probe(self, layer: int, live: _Live, keys: LayerSlots) -> Probe | None:
+    def _probe(self, layer: int, live: Live, keys: LayerSlots) -> Probe | None:
         """What the layer's attention computes besides its output: the eviction's scores (except at a pruning
         layer whose scorer reads attention, whose probe seeds them), the prefill scorer's or the revival's."""
         probe = None

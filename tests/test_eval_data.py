@@ -17,7 +17,7 @@ from trimformer.cli import main
 from trimformer.errors import InputError
 from trimformer_lab.data import default_data_dir
 from trimformer_lab.evaluation import longbench as lb
-from trimformer_lab.evaluation.needle import NEEDLE, make_needle
+from trimformer_lab.evaluation.needle import NEEDLE, make_multi_needle, make_needle
 from trimformer_lab.evaluation.tasks import needle_items
 
 DATA = default_data_dir()
@@ -189,3 +189,22 @@ def test_cli_needle_and_bad_input(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "longbench", "--model", str(tiny_model_dir), "--keep", "2"]) == 2
     assert "keep level" in capsys.readouterr().err
+
+
+def test_multi_needle_prompt_hides_every_number_once_and_asks_in_order(tokenizer):
+    item = make_multi_needle(tokenizer, 2048, 4, seed=3)
+    ids = item.input_ids[0].tolist()
+    assert len(ids) == 2048
+    text = tokenizer.decode(ids)
+    numbers = item.answer.split("|")
+    assert len(numbers) == 4 and len(set(numbers)) == 4
+    question = text[text.index("List the special magic numbers"):]
+    cities = question.split("numbers for ")[1].split(" mentioned")[0].replace(" and ", ", ").split(", ")
+    for city, number in zip(cities, numbers):       # each asked city's needle holds the number in that place
+        assert text.count(NEEDLE.format(city=city, number=number)) == 1
+    assert tokenizer.decode(ids[item.needle_start: item.needle_end]).strip().startswith("The special magic number")
+    items = needle_items(tokenizer, lengths=[1024], limit=2, needles=3)
+    assert list(items) == ["needles3_1024"] and [it.id for it in items["needles3_1024"]] == ["prompt=0", "prompt=1"]
+    assert items["needles3_1024"][0].metric == "numbers_found"
+    with pytest.raises(InputError, match="2..10 needles"):
+        make_multi_needle(tokenizer, 2048, 1)

@@ -89,6 +89,12 @@ def test_code_sim_known_values():
     assert m.code_sim_score("", "x = 1") == 0.0
 
 
+def test_numbers_found_is_the_share_of_numbers_present():
+    assert m.numbers_found("1,234,567\n7654321\nnothing", "1234567|7654321|1111111|2222222") == 0.5
+    assert m.numbers_found("", "1234567") == 0.0
+    assert m.best_score("numbers_found", "7654321 and 1234567", ["1234567|7654321"]) == 1.0
+
+
 def test_number_match():
     assert m.number_match("The number is 2,058,756.", "2058756") == 1.0
     assert m.number_match("2058757", "2058756") == 0.0

@@ -191,11 +191,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = eval_tasks.model_settings(args.model)
     if args.task == "needle":
         lengths = int_list(args.lengths, "--lengths")
+        if args.needles < 1:
+            raise TrimformerError(f"--needles must be >= 1, got {args.needles}")
         try:
             depths = [float(d) for d in args.depths.split(",") if d.strip()]
         except ValueError as exc:
             raise TrimformerError(f"--depths takes comma-separated numbers in [0, 1], got {args.depths!r}") from exc
-        items = eval_tasks.needle_items(tokenizer, lengths, depths, args.limit, args.data, names)
+        items = eval_tasks.needle_items(tokenizer, lengths, depths, args.limit, args.data, names, args.needles)
     elif args.task == "longbench":
         items = eval_tasks.longbench_items(tokenizer, args.data, names, args.limit, args.budget, args.chat, args.max_new_tokens)
         settings.update(budget=args.budget, chat=args.chat, max_new_tokens=args.max_new_tokens)
@@ -252,6 +254,9 @@ def add_eval(sub) -> None:
             e.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens")
             e.add_argument("--depths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
                            help="needle depths, 0..1 of the haystack")
+            e.add_argument("--needles", type=int, default=1,
+                           help="needles per prompt; above 1, each prompt hides that many at random depths and "
+                                "asks for all their numbers (score: the share found; --limit prompts per length)")
             e.set_defaults(budget=None, chat="auto", max_new_tokens=None, tokens=32, prompts=None)
         else:
             e.add_argument("--budget", type=int, default=4096,

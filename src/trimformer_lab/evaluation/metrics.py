@@ -132,6 +132,14 @@ def number_match(prediction: str, answer: str, **_: object) -> float:
     return 1.0 if answer in re.sub(r"[,\s]", "", prediction) else 0.0
 
 
+def numbers_found(prediction: str, answer: str, **_: object) -> float:
+    """Multi-needle recall: the share of the "|"-separated numbers of `answer` that appear in the prediction
+    (commas and spaces inside numbers ignored)."""
+    numbers = [n for n in answer.split("|") if n]
+    text = re.sub(r"[,\s]", "", prediction)
+    return sum(n in text for n in numbers) / len(numbers) if numbers else 0.0
+
+
 METRICS = {
     "qa_f1": qa_f1_score,
     "rouge_l": rouge_l,
@@ -140,6 +148,7 @@ METRICS = {
     "count": count_score,
     "code_sim": code_sim_score,
     "number_match": number_match,
+    "numbers_found": numbers_found,
 }
 
 

@@ -99,6 +99,43 @@ def make_needle(
     )
 
 
+MULTI_QUESTION = ("List the special magic numbers for {cities} mentioned in the text above, one per line, "
+                  "in that order.")
+
+
+def make_multi_needle(tokenizer, length: int, count: int, seed: int = 0, essays: str | None = None) -> NeedleItem:
+    """A prompt of exactly `length` tokens hiding `count` needles (distinct cities, at random depths between
+    5% and 95% of the haystack, each at a sentence end) and asking for all their numbers in a given order.
+    `answer` holds the numbers joined by "|" in the order asked; the needle span is the first needle's."""
+    if not 2 <= count <= len(CITIES):
+        raise InputError(f"a multi-needle prompt holds 2..{len(CITIES)} needles, got {count}")
+    rng = random.Random(seed)
+    cities = rng.sample(CITIES, count)
+    numbers = [str(rng.randrange(1_000_000, 10_000_000)) for _ in cities]
+    question = MULTI_QUESTION.format(cities=f"{', '.join(cities[:-1])} and {cities[-1]}")
+    head, tail = chat_parts(tokenizer, question)
+    needles = [tokenizer(" " + NEEDLE.format(city=c, number=n), add_special_tokens=False)["input_ids"]
+               for c, n in zip(cities, numbers)]
+    budget = length - len(head) - len(tail) - sum(map(len, needles))
+    hay = _haystack_ids(tokenizer, essays)
+    if budget < 16 or budget > len(hay):
+        raise InputError(f"length {length} leaves {budget} haystack tokens for {count} needles; the essays hold "
+                         f"{len(hay)}")
+    offset = (seed * 997) % max(1, len(hay) - budget)
+    hay = hay[offset: offset + budget]
+    cuts = [_sentence_end_before(tokenizer, hay, int(d * budget)) for d in sorted(rng.uniform(0.05, 0.95)
+                                                                                  for _ in cities)]
+    ids, previous = list(head), 0
+    for cut, needle in zip(cuts, needles):
+        ids += hay[previous:cut] + needle
+        previous = cut
+    ids += hay[previous:] + tail
+    start = len(head) + cuts[0]
+    return NeedleItem(input_ids=torch.tensor([ids]), answer="|".join(numbers), needle_start=start,
+                      needle_end=start + len(needles[0]), context_start=len(head),
+                      context_end=len(ids) - len(tail), depth=cuts[0] / budget, length=len(ids), question=question)
+
+
 @lru_cache(maxsize=4)
 def _haystack_cached(tokenizer, essays: str | None) -> tuple[int, ...]:
     return tuple(tokenizer(load_essays(essays), add_special_tokens=False)["input_ids"])

@@ -13,7 +13,7 @@ from trimformer.errors import InputError
 
 from ..data import default_data_dir
 from . import longbench as lb
-from .needle import make_needle
+from .needle import make_multi_needle, make_needle
 from .report import write_plots
 from .backend import TrimformerBackend
 from .items import EvalItem
@@ -39,21 +39,26 @@ def evenly(seq: Sequence[Any], n: int | None) -> list[Any]:
 
 
 # ---- needle -------------------------------------------------------------------------------------
-def needle_task_name(length: int) -> str:
-    return f"needle_{length}"
+def needle_task_name(length: int, needles: int = 1) -> str:
+    return f"needle_{length}" if needles == 1 else f"needles{needles}_{length}"
 
 
 def needle_items(tokenizer, lengths: Sequence[int] = NEEDLE_LENGTHS, depths: Sequence[float] = NEEDLE_DEPTHS,
                  limit: int | None = None, data: str | Path | None = None,
-                 tasks: Sequence[str] | None = None) -> dict[str, list[EvalItem]]:
+                 tasks: Sequence[str] | None = None, needles: int = 1) -> dict[str, list[EvalItem]]:
     """{"needle_<length>": items}: one needle per depth (a 7-digit number for a named city), the
     question at the end; `limit` keeps that many depths, spread evenly. `tasks` may select lengths
-    by name (needle_4096)."""
+    by name (needle_4096). With `needles` > 1: {"needles<K>_<length>": items}, each prompt hiding K needles
+    at random depths and asking for all K numbers (scored by the share found); one prompt per depth slot."""
     essays = _essay_dir(data)
     out: dict[str, list[EvalItem]] = {}
     for length in lengths:
-        name = needle_task_name(length)
+        name = needle_task_name(length, needles)
         if tasks and name not in tasks:
+            continue
+        if needles > 1:
+            out[name] = [_multi_needle_item(tokenizer, name, int(length), needles, seed, essays)
+                         for seed in range(len(evenly(depths, limit)))]
             continue
         items = []
         for depth in evenly(depths, limit):
@@ -70,8 +75,16 @@ def needle_items(tokenizer, lengths: Sequence[int] = NEEDLE_LENGTHS, depths: Seq
         unknown = sorted(set(tasks) - set(out))
         if unknown:
             raise InputError(f"unknown needle task(s) {unknown}; with these lengths: "
-                             f"{', '.join(needle_task_name(n) for n in lengths)}")
+                             f"{', '.join(needle_task_name(n, needles) for n in lengths)}")
     return out
+
+
+def _multi_needle_item(tokenizer, name: str, length: int, needles: int, seed: int, essays: str | None) -> EvalItem:
+    item = make_multi_needle(tokenizer, length, needles, seed=length + seed, essays=essays)
+    return EvalItem(task=name, id=f"prompt={seed}", input_ids=item.input_ids, references=[item.answer],
+                    metric="numbers_found", max_new_tokens=NEEDLE_NEW_TOKENS * needles,
+                    meta={"length": length, "depth": item.depth, "needle_start": item.needle_start,
+                          "needle_end": item.needle_end})
 
 
 def _essay_dir(data: str | Path | None) -> str | None:

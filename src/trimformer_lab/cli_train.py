@@ -1,4 +1,5 @@
-"""The lab's training commands of `trimformer`: `calibrate saliency` / `calibrate pruner` (SDTP),
+"""The lab's training commands of `trimformer`: `calibrate schedule` (a measured preset, `calibrate/cli.py`),
+`calibrate saliency` / `calibrate pruner` (SDTP),
 `train-task` (TS-DTP on SST-2 / QNLI) and `train-merge` (an encoder distilled to work merged); entry points
 of the `trimformer.commands` group, as in `cli.py`."""
 
@@ -15,6 +16,7 @@ from trimformer.errors import TrimformerError
 from trimformer.presets import preset_for
 from trimformer.pruners.sdtp import checkpoint_paths
 
+from .calibrate.cli import add_schedule_parser
 from .cli import lab_command
 from .train.merge_distill import MergeDistillOptions, train_merge_distill
 from .train.pruner import TrainOptions, train_pruner
@@ -59,8 +61,10 @@ def cmd_calibrate_pruner(args: argparse.Namespace) -> int:
 
 
 def add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="train a learned pruner (SDTP): token saliency, then one MLP per stage")
+    p = sub.add_parser("calibrate", help="measure the model's pruning schedule (schedule), or train a learned pruner "
+                                         "(SDTP: saliency, then pruner)")
     cal = p.add_subparsers(dest="calibrate", required=True)
+    add_schedule_parser(cal)
     s = cal.add_parser("saliency", help="stage 1: per-token saliency |sum_d dL/dh * h| at every layer")
     add_model_options(s)
     s.add_argument("--data", nargs="+", default=None,

@@ -1,0 +1,79 @@
+"""The commands `trimformer calibrate schedule` (a subcommand of `calibrate`, added by `cli_train.py`) and
+`trimformer tune` (an entry point of the `trimformer.commands` group)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from trimformer.cli import add_model_options, load_from_args
+from trimformer.presets import cache_path, save_preset
+
+from ..cli import lab_command
+from .search import CalibrateOptions, Calibration, Verified, calibrate_schedule
+
+
+def add_schedule_parser(cal) -> None:
+    """`calibrate schedule`: the subparser of the `calibrate` command."""
+    s = cal.add_parser("schedule", help="measure the model's pruning schedule (which layers find the evidence, how "
+                                        "much each keeps) and write it as a preset")
+    add_model_options(s)
+    s.add_argument("--out", required=True, help="preset JSON file to write")
+    add_calibration_options(s)
+    target = s.add_mutually_exclusive_group()
+    target.add_argument("--target-work", type=float, default=None,
+                        help="share of token-layer work a schedule may do (default: 0.4)")
+    target.add_argument("--target-speedup", type=float, default=None,
+                        help="instead: the FLOPs ratio (full / trimmed) a schedule must reach at --length tokens")
+    s.add_argument("--verify", type=int, default=3, help="screened schedules verified with trimmed forwards, besides "
+                                                        "the fallback and the current preset (default: %(default)s)")
+    s.add_argument("--save-to-cache", action="store_true",
+                   help="also write it to the cache folder, where trim() finds it for this architecture")
+    s.set_defaults(func=cmd_calibrate_schedule)
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=int, default=8, help="calibration prompts (default: %(default)s)")
+    parser.add_argument("--length", type=int, default=3072, help="tokens per calibration prompt (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="facts and their depths (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@lab_command
+def cmd_calibrate_schedule(args: argparse.Namespace) -> int:
+    opts = CalibrateOptions(prompts=args.prompts, length=args.length, seed=args.seed, verify=args.verify,
+                            target_work=args.target_work if args.target_work is not None else 0.4,
+                            target_speedup=args.target_speedup)
+    model, tokenizer = load_from_args(args)
+    result = calibrate_schedule(model, tokenizer, opts, progress=not args.no_progress)
+    print(format_verified(result.verified, result.best))
+    for path in write_calibration(result, model.config, args.model, args.out, args.save_to_cache):
+        print(f"wrote {path}")
+    print(f"schedule {result.best.schedule} ({result.best.source}): work {result.best.work_share:.1%}, FLOPs ratio "
+          f"{result.best.flops_ratio:.2f}x at {opts.length} tokens; {result.seconds:.0f} s on "
+          f"{torch.get_num_threads()} threads")
+    return 0
+
+
+def write_calibration(result: Calibration, config, name: str, out: str, to_cache: bool,
+                      extra_measured: dict | None = None) -> list[Path]:
+    """Write the preset to `out` (and to the cache folder); returns the paths written."""
+    fields = result.preset_fields()
+    fields["measured"].update(extra_measured or {})
+    paths = [save_preset(out, config, result.best.schedule, name=name, **fields)]
+    if to_cache:
+        paths.append(save_preset(cache_path(config), config, result.best.schedule, name=name, **fields))
+    return paths
+
+
+def format_verified(rows: list[Verified], best: Verified | None = None) -> str:
+    head = f"{'schedule':<44} {'source':>8} {'work':>6} {'FLOPs':>6} {'agree':>6} {'fact kept':>9} {'KL mean':>8} {'right':>6}"
+    lines = [head, "-" * len(head)]
+    for v in rows:
+        mark = " *" if v is best else ("" if v.eligible else " (over target)")
+        schedule = ",".join(f"{k}:{r:g}" for k, r in v.schedule.items())
+        lines.append(f"{schedule:<44} {v.source:>8} {v.work_share:>6.1%} {v.flops_ratio:>5.2f}x {v.agreement:>6.0%} "
+                     f"{v.evidence_kept:>9.0%} {v.kl_mean:>8.4f} {v.correct:>6.0%}{mark}")
+    return "\n".join(lines)

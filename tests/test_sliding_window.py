@@ -79,3 +79,21 @@ def test_eviction_is_refused_on_sliding_window_models():
     with pytest.raises(ConfigError, match="sliding-window layers.*prefill method"):
         trimformer.trim(model, method="runtime", budget=0.5)
     assert not trimformer.is_trimmed(model)
+
+
+def test_a_forward_without_a_cache_gets_one_that_keeps_every_slot():
+    """model(ids) with use_cache makes its own cache inside the forward; the trimmed model makes it first, so
+    decoding on from the returned cache works past the window."""
+    model = make_model("gemma3")
+    ids = make_prompt(60, seed=9)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    trimformer.trim(model, method="lazy", keep=1.0, layers=(1, 3))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, tokens = out.past_key_values, [out.logits[:, -1:].argmax(-1)]
+        for _ in range(5):
+            out = model(tokens[-1], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1:].argmax(-1))
+    assert torch.equal(torch.cat([ids, *tokens], 1), reference)
+    assert all(layer.keys.shape[2] == 65 for layer in cache.layers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from ..config import TrimConfig
 from ..errors import ConfigError, InputError, TrimformerError, UnsupportedModelError
@@ -28,7 +29,7 @@ from ..ops.flops import prefill_flops
 from ..registry import Method
 from .attention_hook import PROBE_KWARG, original_kernel, wrapped_name
 from .base import Patch
-from .cache_names import cache_from, keep_every_slot
+from .cache_names import CACHE_KWARG, cache_from, keep_every_slot
 from .live import Live, cached_slots, execution_device
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -223,6 +224,8 @@ class LlamaPatch(Patch):
             self.state.steps += 1
             if self.runtime is not None:
                 use_in_place(cache)   # an evicting cache appends in place (mechanisms/kv_buffer.py)
+        if cache is None and prefill and any(self.windows) and self._uses_cache(kwargs):
+            cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.model.config)   # made here to keep every slot
         if cache is not None:
             if prefill:
                 keep_every_slot(cache, self.windows)
@@ -233,6 +236,11 @@ class LlamaPatch(Patch):
         cos, sin = cos.to(device).expand(batch, -1, -1), sin.to(device).expand(batch, -1, -1)
         source = torch.arange(length, device=device).expand(batch, -1)
         self.live = Live(positions, valid, source, cos, sin, length, prefill, in_order=prefill)
+        return args, kwargs
+
+    def _uses_cache(self, kwargs) -> bool:
+        use_cache = kwargs.get("use_cache")
+        return bool(self.model.config.use_cache if use_cache is None else use_cache)
 
     def _on_end(self, module, args, kwargs, output):
         live, state = self.live, self.state
@@ -264,7 +272,7 @@ class LlamaPatch(Patch):
             previous = state.slots[layer].to(device) if cache is not None and state.slots[layer] is not None else None
             if previous is not None and previous.positions.shape[1] != cached_slots(cache, layer):
                 raise InputError(
-                    f"the KV cache of layer {layer} holds {cache.get_seq_length(layer)} slots but trimformer "
+                    f"the KV cache of layer {layer} holds {cached_slots(cache, layer)} slots but trimformer "
                     f"tracked {previous.positions.shape[1]}: was it changed outside the trimmed model?"
                 )
             if previous is None:

@@ -36,7 +36,7 @@ def add_schedule_parser(cal) -> None:
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=8, help="calibration prompts (default: %(default)s)")
-    parser.add_argument("--length", type=int, default=3072, help="tokens per calibration prompt (default: %(default)s)")
+    parser.add_argument("--length", type=int, default=2048, help="tokens per calibration prompt (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="facts and their depths (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -77,3 +77,43 @@ def format_verified(rows: list[Verified], best: Verified | None = None) -> str:
         lines.append(f"{schedule:<44} {v.source:>8} {v.work_share:>6.1%} {v.flops_ratio:>5.2f}x {v.agreement:>6.0%} "
                      f"{v.evidence_kept:>9.0%} {v.kl_mean:>8.4f} {v.correct:>6.0%}{mark}")
     return "\n".join(lines)
+
+
+def add_tune(sub) -> None:
+    """`trimformer tune`: an entry point of the `trimformer.commands` group."""
+    t = sub.add_parser("tune", help="the schedule with the best fidelity among those whose measured TTFT speedup "
+                                    "reaches a target, written as a preset")
+    add_model_options(t)
+    t.add_argument("--target-speedup", type=float, required=True, help="measured TTFT speedup to reach, e.g. 3")
+    t.add_argument("--length", type=int, default=8192, help="prompt tokens the speedup is measured at "
+                                                            "(default: %(default)s)")
+    t.add_argument("--out", required=True, help="preset JSON file to write; the state file goes next to it "
+                                                "(OUT's name with .tune.json)")
+    t.add_argument("--resume", action="store_true", help="skip the candidates the state file holds")
+    t.add_argument("--plot", default=None, help="fidelity-speed plot (default: OUT with .png)")
+    t.add_argument("--prompts", type=int, default=8, help="calibration prompts for fidelity (default: %(default)s)")
+    t.add_argument("--calibration-length", type=int, default=2048,
+                   help="tokens per calibration prompt (default: %(default)s)")
+    t.add_argument("--repeats", type=int, default=3, help="timed runs per candidate after a warm-up (medians)")
+    t.add_argument("--beyond", type=int, default=2,
+                   help="candidates measured after the first that reaches the target (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_tune)
+
+
+@lab_command
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import TuneOptions, tune
+
+    opts = TuneOptions(target_speedup=args.target_speedup, length=args.length, prompts=args.prompts,
+                       calibration_length=args.calibration_length, seed=args.seed, beyond=args.beyond,
+                       repeats=args.repeats)
+    model, tokenizer = load_from_args(args)
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    best = tune(model, tokenizer, opts, args.out, resume=args.resume, plot=plot, name=args.model,
+                progress=not args.no_progress)
+    print(f"schedule {best['key']}: {best['speedup']:.2f}x TTFT at {opts.length} tokens (work {best['work_share']:.1%}), "
+          f"answers agreeing {best['agreement']:.0%}, fact kept {best['evidence_kept']:.0%}, KL {best['kl_mean']:.4f}")
+    print(f"wrote {args.out} and {plot}")
+    return 0

@@ -41,7 +41,7 @@ TEXT = ("English docstrings of the Python standard library (sysconfig stdlib, re
 @dataclass
 class CalibrateOptions:
     prompts: int = 8                  # calibration prompts
-    length: int = 3072                # tokens per prompt
+    length: int = 2048                # tokens per prompt
     target_work: float | None = 0.4   # share of token-layer work a schedule may do (ignored with target_speedup)
     target_speedup: float | None = None  # instead: FLOPs ratio (full / trimmed) at `length` a schedule must reach
     seed: int = 0

@@ -17,8 +17,8 @@ from trimformer.errors import ConfigError
 from trimformer_lab.calibrate import evidence as ev
 from trimformer_lab.calibrate import prompts as cp
 from trimformer_lab.calibrate.cli import write_calibration
-from trimformer_lab.calibrate.search import (CalibrateOptions, Screen, calibrate_schedule, flops_ratio, tokens_per_layer,
-                                             work_share)
+from trimformer_lab.calibrate.search import (CalibrateOptions, Screen, answer_text, calibrate_schedule, flops_ratio,
+                                             pick_diverse, tokens_per_layer, work_share)
 from trimformer_lab.evaluation.needle import CITIES, NEEDLE
 
 from conftest import TINY
@@ -202,3 +202,16 @@ def test_fast_screen_agrees_with_the_exact_cascade_without_pooling():
         exact_recall, exact_mass = ev.cascade(scores, schedule, prompt.evidence_mask(), protected, span=1)
         assert recall == pytest.approx(exact_recall) and mass == pytest.approx(exact_mass)
         assert kept_all == float(exact_recall == 1.0)
+
+
+def test_verification_picks_differ_in_first_stage_keep_then_in_layers():
+    a, b, c, d = {1: 0.3, 2: 0.5}, {1: 0.3, 3: 0.5}, {1: 0.4, 2: 0.5}, {2: 0.3, 3: 0.5}
+    rows = [(s, 1.0, 1.0, 0.5) for s in (a, b, c, d)]
+    assert pick_diverse(rows, 3) == [a, c, b]
+    assert pick_diverse(rows, 2) == [a, c]
+
+
+def test_answers_compare_on_their_first_line_without_the_full_stop():
+    tok = CharTokenizer()
+    assert answer_text(tok, tok(" 29789.\nThe locker")["input_ids"]) == "29789"
+    assert answer_text(tok, tok("Z9W-98Z")["input_ids"]) == answer_text(tok, tok(" Z9W-98Z.")["input_ids"])

@@ -24,7 +24,8 @@ def add_schedule_parser(cal) -> None:
     add_calibration_options(s)
     target = s.add_mutually_exclusive_group()
     target.add_argument("--target-work", type=float, default=None,
-                        help="share of token-layer work a schedule may do (default: 0.4)")
+                        help="share of token-layer work a schedule may do (default: 0.42, about the depth-fraction "
+                             "fallback's)")
     target.add_argument("--target-speedup", type=float, default=None,
                         help="instead: the FLOPs ratio (full / trimmed) a schedule must reach at --length tokens")
     s.add_argument("--verify", type=int, default=3, help="screened schedules verified with trimmed forwards, besides "
@@ -44,7 +45,7 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
 @lab_command
 def cmd_calibrate_schedule(args: argparse.Namespace) -> int:
     opts = CalibrateOptions(prompts=args.prompts, length=args.length, seed=args.seed, verify=args.verify,
-                            target_work=args.target_work if args.target_work is not None else 0.4,
+                            target_work=args.target_work if args.target_work is not None else 0.42,
                             target_speedup=args.target_speedup)
     model, tokenizer = load_from_args(args)
     result = calibrate_schedule(model, tokenizer, opts, progress=not args.no_progress)

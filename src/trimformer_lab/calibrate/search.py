@@ -42,7 +42,7 @@ TEXT = ("English docstrings of the Python standard library (sysconfig stdlib, re
 class CalibrateOptions:
     prompts: int = 8                  # calibration prompts
     length: int = 2048                # tokens per prompt
-    target_work: float | None = 0.4   # share of token-layer work a schedule may do (ignored with target_speedup)
+    target_work: float | None = 0.42  # share of token-layer work a schedule may do (ignored with target_speedup)
     target_speedup: float | None = None  # instead: FLOPs ratio (full / trimmed) at `length` a schedule must reach
     seed: int = 0
     verify: int = 3                   # screened candidates verified with trimmed forwards
@@ -68,7 +68,7 @@ class Verified:
     source: str                        # "screen", "fallback" (depth fractions) or "preset" (the current one)
     work_share: float
     flops_ratio: float
-    agreement: float                   # share of prompts whose greedy answer equals the full model's
+    agreement: float                   # share of prompts whose answer (`answer_text`) equals the full model's
     evidence_kept: float               # share of prompts whose asked fact reached the last layer
     kl_mean: float
     kl_max: float
@@ -208,14 +208,17 @@ def screen(schedules: list[dict[int, float]], refs: list[Reference], prompts: li
 
 
 def pick_diverse(rows: list, count: int) -> list[dict[int, float]]:
-    """The first `count` screened schedules with distinct layer sets."""
-    out, seen = [], set()
-    for schedule, *_ in rows:
-        if tuple(schedule) not in seen:
-            seen.add(tuple(schedule))
-            out.append(schedule)
-        if len(out) == count:
-            break
+    """`count` screened schedules, best first: first one per first-stage keep ratio (how much the first stage
+    drops moves the answer's distribution more than the screen can tell), then distinct layer sets."""
+    out: list[dict[int, float]] = []
+    for distinct in (lambda s: s[min(s)], lambda s: tuple(s)):
+        seen = {distinct(s) for s in out}
+        for schedule, *_ in rows:
+            if len(out) == count:
+                return out
+            if distinct(schedule) not in seen and schedule not in out:
+                seen.add(distinct(schedule))
+                out.append(schedule)
     return out
 
 
@@ -235,7 +238,8 @@ def verify(model, tokenizer, prompts: list[CalibrationPrompt], refs: list[Refere
         result = Verified(
             schedule, source, work_share(schedule, config.num_hidden_layers),
             flops_ratio(config, schedule, opts.length),
-            agreement=sum(o.agrees for o in outcomes) / len(outcomes),
+            agreement=sum(answer_text(tokenizer, o.tokens) == answer_text(tokenizer, r.tokens)
+                          for o, r in zip(outcomes, refs)) / len(outcomes),
             evidence_kept=sum(o.evidence_kept for o in outcomes) / len(outcomes),
             kl_mean=statistics.mean(kls), kl_max=max(kls),
             correct=sum(_correct(tokenizer, o.tokens, p.answer) for o, p in zip(outcomes, prompts)) / len(prompts),
@@ -245,6 +249,12 @@ def verify(model, tokenizer, prompts: list[CalibrationPrompt], refs: list[Refere
             on_result(result)
     bar.close()
     return out
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    """The answer in a greedy continuation: its first line, without the closing full stop."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return text.split("\n")[0].strip().rstrip(".")
 
 
 def _correct(tokenizer, tokens: list[int], answer: str) -> bool:

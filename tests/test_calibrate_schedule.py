@@ -205,10 +205,13 @@ def test_fast_screen_agrees_with_the_exact_cascade_without_pooling():
 
 
 def test_verification_picks_differ_in_first_stage_keep_then_in_layers():
-    a, b, c, d = {1: 0.3, 2: 0.5}, {1: 0.3, 3: 0.5}, {1: 0.4, 2: 0.5}, {2: 0.3, 3: 0.5}
-    rows = [(s, 1.0, 1.0, 0.5) for s in (a, b, c, d)]
-    assert pick_diverse(rows, 3) == [a, c, b]
-    assert pick_diverse(rows, 2) == [a, c]
+    a, b, c, d = {1: 0.3, 2: 0.5}, {1: 0.3, 3: 0.5}, {1: 0.4, 2: 0.5}, {1: 0.3, 2: 0.6, 4: 0.6}
+    e = {1: 0.3, 2: 0.5, 4: 0.5}
+    rows = [(s, 1.0, 1.0, 0.5) for s in (a, b, c, d, e)]
+    assert pick_diverse(rows, 2) == [a, c]                 # first-stage keep ratios 0.3 and 0.4
+    assert pick_diverse(rows, 3) == [a, c, b]              # then first two layers (1, 3)
+    assert pick_diverse(rows, 4) == [a, c, b, d]           # then layer sets: (1, 2, 4)
+    assert pick_diverse(rows, 5) == [a, c, b, d]           # e repeats d's layers
 
 
 def test_answers_compare_on_their_first_line_without_the_full_stop():

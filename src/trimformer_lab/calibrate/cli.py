@@ -28,7 +28,7 @@ def add_schedule_parser(cal) -> None:
                              "fallback's)")
     target.add_argument("--target-speedup", type=float, default=None,
                         help="instead: the FLOPs ratio (full / trimmed) a schedule must reach at --length tokens")
-    s.add_argument("--verify", type=int, default=3, help="screened schedules verified with trimmed forwards, besides "
+    s.add_argument("--verify", type=int, default=6, help="screened schedules verified with trimmed forwards, besides "
                                                         "the fallback and the current preset (default: %(default)s)")
     s.add_argument("--save-to-cache", action="store_true",
                    help="also write it to the cache folder, where trim() finds it for this architecture")

@@ -45,7 +45,7 @@ class CalibrateOptions:
     target_work: float | None = 0.42  # share of token-layer work a schedule may do (ignored with target_speedup)
     target_speedup: float | None = None  # instead: FLOPs ratio (full / trimmed) at `length` a schedule must reach
     seed: int = 0
-    verify: int = 3                   # screened candidates verified with trimmed forwards
+    verify: int = 6                   # screened candidates verified with trimmed forwards
     new_tokens: int = 8               # greedy answer tokens compared with the full model's
     grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
     stages: tuple[int, ...] = (3, 4, 5)
@@ -167,33 +167,35 @@ class Screen:
             self.rows.append((ranks, ref.scores, totals, prompt.evidence_mask(), int(protected.sum())))
         self.memo: dict[tuple, list[torch.Tensor]] = {}
 
-    def _live(self, stages: tuple[tuple[int, float], ...]) -> list[torch.Tensor]:
-        """The live token indices of every prompt after `stages`."""
+    def _live(self, stages: tuple[tuple[int, float], ...], keep: bool = True) -> list[torch.Tensor]:
+        """The live token indices of every prompt after `stages` (kept for reuse when `keep`: a whole
+        schedule's are not, only its prefixes', so memory grows with the prefixes, not the candidates)."""
         if not stages:
-            return [torch.arange(row[0].shape[1]) for row in self.rows]
-        if stages not in self.memo:
-            layer, keep = stages[-1]
-            out = []
-            for live, (ranks, _, _, _, n_protected) in zip(self._live(stages[:-1]), self.rows):
-                count = min(live.numel(), max(n_protected, math.ceil(keep * live.numel() - 1e-9)))
-                out.append(live[ranks[layer, live].topk(count, largest=False).indices])
+            return [torch.arange(row[0].shape[1], dtype=torch.int32) for row in self.rows]
+        if stages in self.memo:
+            return self.memo[stages]
+        layer, ratio = stages[-1]
+        out = []
+        for live, (ranks, _, _, _, n_protected) in zip(self._live(stages[:-1]), self.rows):
+            count = min(live.numel(), max(n_protected, math.ceil(ratio * live.numel() - 1e-9)))
+            out.append(live[ranks[layer, live].topk(count, largest=False).indices])
+        if keep:
             self.memo[stages] = out
-        return self.memo[stages]
+        return out
 
     def __call__(self, schedule: dict[int, float]) -> tuple[float, float, float]:
         """(share of prompts keeping all evidence, mean evidence recall, mean later-layer score mass kept)."""
         stages = tuple(sorted(schedule.items()))
+        lives = [self._live(stages[: i + 1], keep=i + 1 < len(stages)) for i in range(len(stages))]
         recalls, masses = [], []
-        for p, row in enumerate(self.rows):
-            _, scores, totals, evidence, _ = row
+        for p, (_, scores, totals, evidence, _) in enumerate(self.rows):
             layer_mass = []
             for i, (layer, _) in enumerate(stages):
-                live = self._live(stages[: i + 1])[p]
                 upto = stages[i + 1][0] if i + 1 < len(stages) else scores.shape[0] - 1
                 if upto > layer:
                     block = slice(layer + 1, upto + 1)
-                    layer_mass.append(scores[block][:, live].sum(-1) / totals[block])
-            live = self._live(stages)[p]
+                    layer_mass.append(scores[block][:, lives[i][p]].sum(-1) / totals[block])
+            live = lives[-1][p]
             recalls.append(float(evidence[live].sum()) / max(1, int(evidence.sum())))
             masses.append(float(torch.cat(layer_mass).mean()) if layer_mass else 1.0)
         return sum(r >= 1.0 for r in recalls) / len(recalls), statistics.mean(recalls), statistics.mean(masses)
@@ -208,10 +210,11 @@ def screen(schedules: list[dict[int, float]], refs: list[Reference], prompts: li
 
 
 def pick_diverse(rows: list, count: int) -> list[dict[int, float]]:
-    """`count` screened schedules, best first: first one per first-stage keep ratio (how much the first stage
-    drops moves the answer's distribution more than the screen can tell), then distinct layer sets."""
+    """`count` screened schedules, best first: one per first-stage keep ratio (how much the first stage drops
+    moves the answer more than the screen can tell), then one per pair of first two layers, then distinct
+    layer sets."""
     out: list[dict[int, float]] = []
-    for distinct in (lambda s: s[min(s)], lambda s: tuple(s)):
+    for distinct in (lambda s: s[min(s)], lambda s: tuple(s)[:2], lambda s: tuple(s)):
         seen = {distinct(s) for s in out}
         for schedule, *_ in rows:
             if len(out) == count:

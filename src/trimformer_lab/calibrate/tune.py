@@ -1,7 +1,8 @@
 """`tune`: the schedule with the best fidelity among those whose measured TTFT speedup reaches a target.
 
-Candidates come from the calibration's screen (`search`): for each work share of `LADDER`, from the least
-aggressive down, the best-screened schedule within it. Each is timed against the full model at `length`
+Candidates come from the calibration's screen (`search`, keep ratios down to 0.2): for each work share of
+`LADDER`, the best-screened schedule within it, joined by the depth-fraction fallback and the model's current
+preset; they are explored from the least aggressive on. Each is timed against the full model at `length`
 tokens (`bench.bench_prefill`: full and trimmed in one process, alternating, after a warm-up; medians) and its
 fidelity measured on the calibration prompts (`search.verify`: greedy answer agreement, the asked fact kept,
 first-answer-token KL). Exploring stops `beyond` candidates after the first that reaches the target. Every
@@ -26,10 +27,11 @@ from trimformer.presets import fingerprint, save_preset
 from .. import bench
 from .evidence import ScoreOptions
 from .prompts import make_prompts
-from .search import (TEXT, CalibrateOptions, Verified, candidates, layer_needs, num_layers, record_references, screen,
-                     shortlist_layers, verify, work_share)
+from .search import (TEXT, CalibrateOptions, Verified, candidates, layer_needs, num_layers, record_references,
+                     reference_schedules, screen, shortlist_layers, verify, work_share)
 
 LADDER = (0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1)
+GRID = (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)    # keep ratios: down to 0.2, for the aggressive end of the ladder
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TuneOptions:
     repeats: int = 3                  # timed runs of each (after `warmup`), medians
     warmup: int = 1
     ladder: tuple[float, ...] = LADDER
+    grid: tuple[float, ...] = GRID
     score: ScoreOptions = field(default_factory=ScoreOptions)
 
     def __post_init__(self) -> None:
@@ -55,7 +58,8 @@ class TuneOptions:
     def settings(self) -> dict[str, Any]:
         """What a state file must match to be resumed."""
         return {"target_speedup": self.target_speedup, "length": self.length, "prompts": self.prompts,
-                "calibration_length": self.calibration_length, "seed": self.seed, "score": asdict(self.score)}
+                "calibration_length": self.calibration_length, "seed": self.seed, "score": asdict(self.score),
+                "grid": list(self.grid), "ladder": list(self.ladder)}
 
 
 Speed = Callable[[dict[int, float]], dict[str, float]]   # schedule -> {"speedup", "full_s", "trimmed_s", ...}
@@ -129,7 +133,7 @@ def tune(model, tokenizer, opts: TuneOptions, out: str | Path, *, resume: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _load_state(path, fingerprint(config), opts, resume)
     cal = CalibrateOptions(prompts=opts.prompts, length=opts.calibration_length, seed=opts.seed,
-                           target_work=max(opts.ladder), score=opts.score)
+                           target_work=max(opts.ladder), grid=opts.grid, score=opts.score)
     cache: dict[str, Any] = {}
 
     def references():
@@ -142,11 +146,14 @@ def tune(model, tokenizer, opts: TuneOptions, out: str | Path, *, resume: bool =
         prompts, refs = references()
         rows = screen(candidates(shortlist_layers(layer_needs(refs, prompts, cal.score), cal.shortlist), config, cal),
                       refs, prompts, cal.score, progress)
+        layers = num_layers(model)
         ladder: list[dict[int, float]] = []
         for level in sorted(opts.ladder, reverse=True):
-            best = next((s for s, *_ in rows if work_share(s, num_layers(model)) <= level + 1e-9), None)
+            best = next((s for s, *_ in rows if work_share(s, layers) <= level + 1e-9), None)
             if best is not None and best not in ladder:
                 ladder.append(best)
+        known = [s for s, _ in reference_schedules(config, layers, ladder) if work_share(s, layers) <= max(opts.ladder)]
+        ladder = sorted(ladder + known, key=lambda s: -work_share(s, layers))   # least aggressive first
         state["ladder"] = [{str(k): v for k, v in s.items()} for s in ladder]
         _save_state(path, state)
     speed = speed or bench_speed(model, tokenizer, opts)

@@ -64,8 +64,7 @@ def test_prompts_plant_facts_in_docstring_prose_without_the_needle_eval_words():
         assert len(p.facts) == 1 + i % 3 and p.evidence in p.facts
         fact = tok.decode(p.input_ids[0, p.evidence[0]: p.evidence[1]])
         assert p.answer in fact and fact.strip().endswith(".")
-        assert text.rstrip().endswith(tuple(k.answer_prefix.split("{")[0].split()[0] for k in cp.FACTS)) or \
-            "Answer:" in text[-120:]
+        assert text.endswith(p.answer_prefix) and p.question in text[-len(p.question) - 200:]
     # distinct haystacks, and several kinds of answers
     assert len({tok.decode(p.input_ids[0, 50:150]) for p in prompts}) == len(prompts)
     assert len({kind for p in prompts for kind in p.kinds}) >= 3

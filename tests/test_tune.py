@@ -111,3 +111,15 @@ def test_no_schedule_reaching_the_target_names_the_fastest(tiny, tmp_path):
 def test_bad_tune_options_are_refused():
     with pytest.raises(ConfigError, match="target speedup"):
         TuneOptions(target_speedup=1.0)
+
+
+def test_commands_join_the_cli():
+    from trimformer.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["calibrate", "schedule", "--model", "m", "--out", "p.json", "--target-speedup", "2.5"])
+    assert args.target_speedup == 2.5 and args.length == 2048 and args.prompts == 8 and args.verify == 6
+    args = parser.parse_args(["tune", "--model", "m", "--target-speedup", "3", "--out", "p.json", "--resume"])
+    assert args.length == 8192 and args.resume and args.plot is None
+    with pytest.raises(SystemExit):                       # one target at a time
+        parser.parse_args(["calibrate", "schedule", "--out", "p", "--target-work", "0.4", "--target-speedup", "2"])

@@ -58,11 +58,9 @@ def cmd_calibrate_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_calibration(result: Calibration, config, name: str, out: str, to_cache: bool,
-                      extra_measured: dict | None = None) -> list[Path]:
+def write_calibration(result: Calibration, config, name: str, out: str, to_cache: bool) -> list[Path]:
     """Write the preset to `out` (and to the cache folder); returns the paths written."""
     fields = result.preset_fields()
-    fields["measured"].update(extra_measured or {})
     paths = [save_preset(out, config, result.best.schedule, name=name, **fields)]
     if to_cache:
         paths.append(save_preset(cache_path(config), config, result.best.schedule, name=name, **fields))

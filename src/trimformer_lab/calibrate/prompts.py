@@ -75,6 +75,7 @@ class CalibrationPrompt:
     facts: list[tuple[int, int]] = field(default_factory=list)  # spans of every planted fact (asked one included)
     kinds: list[str] = field(default_factory=list)              # kind of each planted fact
     question: str = ""
+    answer_prefix: str = ""                 # the answer's opening words, the end of the prompt
 
     @property
     def length(self) -> int:
@@ -205,7 +206,7 @@ def make_prompt(tokenizer, length: int, index: int, seed: int = 0, paragraphs: t
         last = cut
     ids += hay[last:] + tail
     prompt = CalibrationPrompt(torch.tensor([ids]), value, spans[asked], spans, [f.kind for f, _, _ in facts],
-                               kind.question.format(subject=subject))
+                               kind.question.format(subject=subject), kind.answer_prefix.format(subject=subject))
     return prompt, offset
 
 

@@ -104,8 +104,10 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
 
 def test_no_schedule_reaching_the_target_names_the_fastest(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"no schedule reached a 50\.0x TTFT speedup; the fastest measured"):
-        tune(tiny, CharTokenizer(), options(target=50.0), tmp_path / "t.json", speed=FakeClock(), progress=False)
+        tune(tiny, CharTokenizer(), options(target=50.0), tmp_path / "t.json", speed=FakeClock(),
+             plot=tmp_path / "t.png", progress=False)
     assert not (tmp_path / "t.json").exists()
+    assert (tmp_path / "t.png").exists()                   # what was explored is still drawn
 
 
 def test_bad_tune_options_are_refused():

@@ -108,6 +108,13 @@ def select_best(records: list[dict], target: float) -> dict:
     return max(reaching, key=fidelity_key)
 
 
+def _best_or_none(records: list[dict], target: float) -> dict | None:
+    try:
+        return select_best(records, target)
+    except ConfigError:
+        return None
+
+
 def _load_state(path: Path, model_print: str, opts: TuneOptions, resume: bool) -> dict:
     fresh = {"fingerprint": model_print, "settings": opts.settings(), "ladder": None, "measured": {}}
     if not resume or not path.exists():
@@ -175,9 +182,12 @@ def tune(model, tokenizer, opts: TuneOptions, out: str | Path, *, resume: bool =
             if reached > opts.beyond:
                 break
     records = [state["measured"][_key(s)] for s in ladder if _key(s) in state["measured"]]
-    if plot is not None:
-        plot_frontier(records, opts.target_speedup, plot, title=f"{name or 'model'}: {opts.length} tokens")
-    best = select_best(records, opts.target_speedup)
+    try:
+        best = select_best(records, opts.target_speedup)
+    finally:                                    # the plot shows what was explored, chosen or not
+        if plot is not None and records:
+            plot_frontier(records, opts.target_speedup, plot, title=f"{name or 'model'}: {opts.length} tokens",
+                          chosen=_best_or_none(records, opts.target_speedup))
     seconds = time.perf_counter() - start
     measured = {k: best[k] for k in ("speedup", "full_s", "trimmed_s", "flop_ratio", "work_share", "agreement",
                                      "evidence_kept", "kl_mean", "kl_max", "correct") if k in best}
@@ -190,8 +200,10 @@ def tune(model, tokenizer, opts: TuneOptions, out: str | Path, *, resume: bool =
     return best
 
 
-def plot_frontier(records: list[dict], target: float, path: str | Path, title: str = "") -> Path:
-    """Mean first-answer-token KL against measured speedup for every explored schedule, the target as a line."""
+def plot_frontier(records: list[dict], target: float, path: str | Path, title: str = "",
+                  chosen: dict | None = None) -> Path:
+    """Mean first-answer-token KL against measured speedup for every explored schedule, the target as a line,
+    the chosen schedule circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,6 +215,9 @@ def plot_frontier(records: list[dict], target: float, path: str | Path, title: s
     for r, x, y in zip(records, xs, ys):
         ax.annotate(f"{r['work_share']:.0%} work, {r['agreement']:.0%} agree", (x, y), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
+    if chosen is not None:
+        ax.scatter([chosen["speedup"]], [max(chosen["kl_mean"], 1e-6)], s=200, facecolors="none",
+                   edgecolors="tab:blue", label=f"chosen: {chosen['key']}")
     ax.axvline(target, color="tab:red", linestyle="--", label=f"target {target}x")
     ax.set_xlabel("measured TTFT speedup (full / trimmed)")
     ax.set_ylabel("first-answer-token KL (mean)")

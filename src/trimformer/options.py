@@ -21,8 +21,9 @@ class PruneOptions:
     """Prefill dropping: where to drop, how the attention scorer looks, and revival from the aux cache.
 
     Tokens are dropped *after* the layers in `layers` (or the keys of `schedule`); each stage keeps the
-    share `keep` (a top-level option) of the tokens still live. With neither given, a model with a measured
-    preset (`presets.py`) uses it; any other prunes after 20%, 40%, 60% and 80% of its depth.
+    share `keep` (a top-level option) of the tokens still live. With neither given, the model's preset
+    (`trimformer.presets`: a file given as `preset`, one calibrated into the cache folder, or a shipped one)
+    is used; without one, pruning follows 20%, 40%, 60% and 80% of the depth.
     """
 
     layers: tuple[int, ...] | None = None     # prune after these layers (0-based); None = default stages

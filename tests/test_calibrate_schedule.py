@@ -160,6 +160,7 @@ def test_calibration_end_to_end_writes_a_preset_trim_finds(tiny, tmp_path, cache
     for key in ("work_share", "flops_ratio", "agreement", "evidence_kept", "kl_mean", "seconds", "verified"):
         assert key in saved["measured"]
     assert saved["calibration"]["prompts"] == 2 and "docstrings" in saved["calibration"]["text"]
+    assert saved["calibration"]["stages"] == [3] and saved["calibration"]["grid"] == list(opts.grid)
     schedule = {int(k): v for k, v in saved["schedule"].items()}
     assert schedule == best.schedule
     prompt = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(1))
@@ -182,7 +183,8 @@ def test_a_target_no_schedule_reaches_is_refused(tiny):
         calibrate_schedule(tiny, CharTokenizer(), opts, progress=False)
 
 
-@pytest.mark.parametrize("kwargs", [{"target_work": 1.5}, {"target_speedup": 0.9}, {"prompts": 0}])
+@pytest.mark.parametrize("kwargs", [{"target_work": 1.5}, {"target_speedup": 0.9}, {"prompts": 0}, {"stages": ()},
+                                    {"stages": (0, 2)}, {"grid": (0.2, 1.5)}, {"grid": ()}])
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(ConfigError):
         CalibrateOptions(**kwargs)

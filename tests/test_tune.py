@@ -121,6 +121,7 @@ def test_commands_join_the_cli():
     parser = build_parser()
     args = parser.parse_args(["calibrate", "schedule", "--model", "m", "--out", "p.json", "--target-speedup", "2.5"])
     assert args.target_speedup == 2.5 and args.length == 2048 and args.prompts == 8 and args.verify == 6
+    assert args.stages == "3,4,5" and args.grid == "0.3,0.4,0.5,0.6,0.7"
     args = parser.parse_args(["tune", "--model", "m", "--target-speedup", "3", "--out", "p.json", "--resume"])
     assert args.length == 8192 and args.resume and args.plot is None
     with pytest.raises(SystemExit):                       # one target at a time

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from trimformer.cli import add_model_options, load_from_args
+from trimformer.cli import add_model_options, int_list, load_from_args
+from trimformer.errors import TrimformerError
 from trimformer.presets import cache_path, save_preset
 
 from ..cli import lab_command
@@ -30,6 +31,10 @@ def add_schedule_parser(cal) -> None:
                         help="instead: the FLOPs ratio (full / trimmed) a schedule must reach at --length tokens")
     s.add_argument("--verify", type=int, default=6, help="screened schedules verified with trimmed forwards, besides "
                                                         "the fallback and the current preset (default: %(default)s)")
+    s.add_argument("--stages", default="3,4,5",
+                   help="numbers of pruning stages the candidates have (default: %(default)s)")
+    s.add_argument("--grid", default="0.3,0.4,0.5,0.6,0.7",
+                   help="keep ratios a stage may have (default: %(default)s)")
     s.add_argument("--save-to-cache", action="store_true",
                    help="also write it to the cache folder, where trim() finds it for this architecture")
     s.set_defaults(func=cmd_calibrate_schedule)
@@ -42,11 +47,20 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def float_list(text: str, flag: str) -> list[float]:
+    """'0.3,0.5' -> [0.3, 0.5]; a clear error naming `flag` otherwise."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise TrimformerError(f"{flag} takes comma-separated numbers, got {text!r}") from exc
+
+
 @lab_command
 def cmd_calibrate_schedule(args: argparse.Namespace) -> int:
     opts = CalibrateOptions(prompts=args.prompts, length=args.length, seed=args.seed, verify=args.verify,
                             target_work=args.target_work if args.target_work is not None else 0.42,
-                            target_speedup=args.target_speedup)
+                            target_speedup=args.target_speedup, stages=tuple(int_list(args.stages, "--stages")),
+                            grid=tuple(float_list(args.grid, "--grid")))
     model, tokenizer = load_from_args(args)
     result = calibrate_schedule(model, tokenizer, opts, progress=not args.no_progress)
     print(format_verified(result.verified, result.best))

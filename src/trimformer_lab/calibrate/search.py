@@ -58,6 +58,10 @@ class CalibrateOptions:
                 raise ConfigError(f"target speedup must be > 1 (full / trimmed), got {self.target_speedup}")
         elif self.target_work is None or not 0.0 < self.target_work < 1.0:
             raise ConfigError(f"target work must be a share in (0, 1), got {self.target_work}")
+        if not self.stages or min(self.stages) < 1:
+            raise ConfigError(f"stages must be counts of pruning stages >= 1, got {self.stages}")
+        if not self.grid or not all(0.0 < r <= 1.0 for r in self.grid):
+            raise ConfigError(f"the keep-ratio grid must hold ratios in (0, 1], got {self.grid}")
         if self.prompts < 1 or self.verify < 1:
             raise ConfigError(f"prompts and verify must be >= 1, got {self.prompts} and {self.verify}")
 
@@ -290,6 +294,7 @@ class Calibration:
                          for v in self.verified],
         }
         calibration = {"text": TEXT, "prompts": o.prompts, "length": o.length, "seed": o.seed,
+                       "stages": list(o.stages), "grid": list(o.grid),
                        "seconds": round(self.seconds, 1), "command": "trimformer calibrate schedule"}
         return {"target": target, "options": asdict(o.score), "measured": measured, "calibration": calibration}
 

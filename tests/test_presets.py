@@ -175,3 +175,17 @@ def test_trim_config_preset_option_is_validated(tmp_path):
         TrimConfig(preset=str(tmp_path / "none.json")).validate()
     with pytest.raises(ConfigError, match="path of a preset JSON file"):
         TrimConfig(preset=3).validate()
+
+
+def test_a_preset_for_an_encoder_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    import trimformer
+
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    path = tmp_path / "p.json"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="presets are decoder schedules.*BertModel is an encoder"):
+        trimformer.trim(model, method="cls_attention", keep=0.5, preset=str(path))
+    assert not trimformer.is_trimmed(model)

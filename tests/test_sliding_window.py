@@ -10,6 +10,7 @@ import torch
 import trimformer
 from conftest import make_model, make_prompt, trim_state
 from trimformer.errors import ConfigError
+from trimformer.patch.cache_names import cache_kwargs
 from trimformer.patch.llama import layer_windows
 
 WINDOW = 16
@@ -93,7 +94,7 @@ def test_a_forward_without_a_cache_gets_one_that_keeps_every_slot():
         out = model(ids, use_cache=True)
         cache, tokens = out.past_key_values, [out.logits[:, -1:].argmax(-1)]
         for _ in range(5):
-            out = model(tokens[-1], past_key_values=cache, use_cache=True)
+            out = model(tokens[-1], use_cache=True, **cache_kwargs(cache))
             tokens.append(out.logits[:, -1:].argmax(-1))
     assert torch.equal(torch.cat([ids, *tokens], 1), reference)
     assert all(layer.keys.shape[2] == 65 for layer in cache.layers)

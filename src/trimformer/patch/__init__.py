@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TrimConfig
-from ..errors import UnsupportedMethodError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedMethodError, UnsupportedModelError
 from ..presets import preset_for
 from ..registry import Method, methods_for
 from .base import Patch
@@ -37,10 +37,14 @@ def build_patch(model: torch.nn.Module, config: TrimConfig, method: Method) -> P
             f"{_KIND_NAMES[adapter.kind]}, whose methods are: {', '.join(methods_for(adapter.kind))}"
         )
     layers = adapter.layers(model)
+    if config.preset is not None and adapter.kind != "decoder":
+        raise ConfigError(f"preset={config.preset!r}: presets are decoder schedules; {type(model).__name__} is "
+                          f"{_KIND_NAMES[adapter.kind]} (give its layers, keep or r instead)")
     plan = {}
     if method.prunes_prefill:
         given = config.prune.schedule is not None or config.prune.layers is not None   # the user's layers win
-        plan = config.resolve_schedule(len(layers), None if given else preset_for(model.config, config.preset))
+        measured = adapter.kind == "decoder" and not given              # presets are measured for decoders
+        plan = config.resolve_schedule(len(layers), preset_for(model.config, config.preset) if measured else None)
     return adapter(model, config, method, plan)
 
 

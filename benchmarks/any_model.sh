@@ -6,7 +6,7 @@
 #   bash benchmarks/any_model.sh smollm2-135m                 # 6 depths, 3 LongBench items per task
 #   NEEDLE_LIMIT=3 LB_LIMIT=1 bash benchmarks/any_model.sh qwen2.5-coder-0.5b
 #
-# Results: benchmarks/results/any_model/<model>/{needle,multi_needle,longbench,bench_prefill_8k}.json
+# Results: benchmarks/results/any_model/<model>/{needle,multi_needle,lb_scores,bench_prefill_8k}.json
 # (evaluations resume from their file; delete it to start over). Needle seeds and phrasings are the needle
 # evaluation's own, which `trimformer calibrate schedule` never uses.
 set -euo pipefail
@@ -51,7 +51,7 @@ if has multi; then
 fi
 if has longbench; then
   $TF eval longbench "${common[@]}" --limit "$LB_LIMIT" --budget "$LB_BUDGET" --max-new-tokens "$LB_TOKENS" \
-    --method lazy,random,static --json "$OUT/longbench.json" --table "$OUT/longbench.md"
+    --method lazy,random,static --json "$OUT/lb_scores.json" --table "$OUT/lb_scores.md"
 fi
 if has bench; then
   $TF bench prefill --model "$MODEL" --threads "$THREADS" --lengths 8192 --repeats "${REPEATS:-1}" --method lazy \

@@ -7,30 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from trimformer import presets
 from trimformer.errors import ConfigError
 from trimformer_lab.calibrate.search import work_share
 from trimformer_lab.calibrate.tune import TuneOptions, select_best, state_path, tune
 
-from conftest import TINY
-from test_calibrate_schedule import CharTokenizer
-
-
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 256, "max_position_embeddings": 1024})).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRIMFORMER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(presets, "_WARNED", set())
+from test_calibrate_schedule import CharTokenizer, cache, tiny  # noqa: F401  (fixtures: a tiny Llama, a fresh cache)
 
 
 class FakeClock:

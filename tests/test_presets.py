@@ -189,3 +189,19 @@ def test_a_preset_for_an_encoder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="presets are decoder schedules.*BertModel is an encoder"):
         trimformer.trim(model, method="cls_attention", keep=0.5, preset=str(path))
     assert not trimformer.is_trimmed(model)
+
+
+def test_evaluations_record_the_schedule_trim_prunes_with(tmp_path):
+    """The eval backend describes a variant with the schedule trim() will use: the preset file given, the
+    user's layers over any preset."""
+    from conftest import make_model
+    from trimformer_lab.evaluation.backend import TrimformerBackend
+    from trimformer_lab.evaluation.variants import Variant
+
+    model = make_model("llama")
+    path = save_preset(tmp_path / "mine.json", model.config, {2: 0.6, 4: 0.3})
+    backend = TrimformerBackend()
+    by_file = backend.describe(model, Variant("lazy", options=(("preset", str(path)),)))
+    assert by_file["schedule"] == {"2": 0.6, "4": 0.3}
+    by_layers = backend.describe(model, Variant("lazy", options=(("layers", (1,)), ("preset", str(path)))))
+    assert by_layers["schedule"] == {"1": 0.5}

@@ -36,16 +36,23 @@ def build_patch(model: torch.nn.Module, config: TrimConfig, method: Method) -> P
             f"method {method.name!r} runs on {_supported(method.applies_to)}; {type(model).__name__} is "
             f"{_KIND_NAMES[adapter.kind]}, whose methods are: {', '.join(methods_for(adapter.kind))}"
         )
-    layers = adapter.layers(model)
+    return adapter(model, config, method, prefill_plan(model, config, method, adapter))
+
+
+def prefill_plan(model: torch.nn.Module, config: TrimConfig, method: Method,
+                 adapter: type[Patch] | None = None) -> dict[int, float]:
+    """The {layer: keep} schedule `method` prunes `model` with: the user's `schedule` or `layers`, else (for
+    a decoder) the model's preset, else the depth-fraction fallback; {} for a method that prunes no prompt."""
+    adapter = adapter or adapter_for(model)
     if config.preset is not None and adapter.kind != "decoder":
         raise ConfigError(f"preset={config.preset!r}: presets are decoder schedules; {type(model).__name__} is "
                           f"{_KIND_NAMES[adapter.kind]} (give its layers, keep or r instead)")
-    plan = {}
-    if method.prunes_prefill:
-        given = config.prune.schedule is not None or config.prune.layers is not None   # the user's layers win
-        measured = adapter.kind == "decoder" and not given              # presets are measured for decoders
-        plan = config.resolve_schedule(len(layers), preset_for(model.config, config.preset) if measured else None)
-    return adapter(model, config, method, plan)
+    if not method.prunes_prefill:
+        return {}
+    given = config.prune.schedule is not None or config.prune.layers is not None   # the user's layers win
+    measured = adapter.kind == "decoder" and not given              # presets are measured for decoders
+    preset = preset_for(model.config, config.preset) if measured else None
+    return config.resolve_schedule(len(adapter.layers(model)), preset)
 
 
 _KIND_NAMES = {"decoder": "a decoder", "encoder": "an encoder", "seq2seq": "an encoder-decoder"}
@@ -61,4 +68,4 @@ def _supported(kinds: frozenset[str] | None = None) -> str:
     return "; ".join(f"{_KIND_PLURALS[kind]} ({', '.join(names)})" for kind, names in groups.items())
 
 
-__all__ = ["ADAPTERS", "Patch", "adapter_for", "build_patch"]
+__all__ = ["ADAPTERS", "Patch", "adapter_for", "build_patch", "prefill_plan"]

@@ -15,8 +15,8 @@ import torch
 
 from trimformer.api import is_trimmed, stats, trim, untrim
 from trimformer.generation import GreedyStream
+from trimformer.patch import prefill_plan
 from trimformer.registry import resolve
-from trimformer.presets import preset_for
 
 from .variants import FULL, Variant
 
@@ -96,9 +96,9 @@ class TrimformerBackend:
         if variant.method == FULL:
             return {"method": FULL, "keep": 1.0}
         cfg = variant.trim_config()
-        num_layers = len(model.model.layers)
-        if resolve(cfg).prunes_prefill:
-            plan = cfg.resolve_schedule(num_layers, preset_for(model.config))
+        method = resolve(cfg)
+        if method.prunes_prefill:
+            plan = prefill_plan(model, cfg, method)     # what trim() will prune with
             keeps = list(plan.values())
             # `keep` of a schedule: the per-stage keep it equals on geometric average (= keep when uniform)
             keep = math.exp(sum(math.log(k) for k in keeps) / len(keeps)) if keeps else 1.0

@@ -14,6 +14,8 @@ MERGE_METRICS = ("auto", "keys", "hidden")
 TOME_MODES = ("merge", "merge_unmerge")
 UNMERGE_ATTENTION = ("qkv", "queries", "keys_values", "none")
 ADAPTIVE_MODES = ("sampling", "mass", "similarity")
+MERGE_PARTS = ("self_attention", "cross_attention", "mlp")
+MAX_DOWNSAMPLE = (1, 2, 4, 8)
 
 
 @dataclass
@@ -116,7 +118,7 @@ class EvictOptions:
 
 @dataclass
 class MergeOptions:
-    """Token merging (method "tome") in encoders."""
+    """Token merging (method "tome") in encoders and diffusion models."""
 
     r: int | list[int] | None = None        # tokens merged per layer (int) or per-layer list; None: from keep
     r_schedule: str = "constant"            # for an int r: "constant", "decreasing" (2r -> 0), "increasing"
@@ -130,6 +132,14 @@ class MergeOptions:
     unmerge_attention: str = "qkv"          # merge_unmerge: what the attention block computes on merged tokens:
                                             # "qkv", "queries" (keys/values on all), "keys_values", "none"
     unmerge_mlp: bool = True                # merge_unmerge: the MLP runs on merged tokens
+    # diffusion models (ToMe for Stable Diffusion; each block merges and unmerges, the share is keep /
+    # reduction_ratio):
+    merge_parts: tuple[str, ...] = ("self_attention",)  # the block parts that run on merged tokens, among
+                                            # "self_attention", "cross_attention" (its queries) and "mlp"
+    max_downsample: int = 1                 # merge in blocks whose token grid is at most this many times
+                                            # coarser than the finest (1: the highest resolution only)
+    stride: int = 2                         # one destination token per stride x stride cell of the grid
+    random_destinations: bool = True        # the destination's place in its cell drawn per step (seeded)
 
     def validate(self) -> None:
         if self.r is not None:
@@ -138,8 +148,17 @@ class MergeOptions:
                 raise ConfigError(f"r must be an integer >= 0 or a non-empty list of them, got {self.r!r}")
         if self.r_schedule not in R_SCHEDULES:
             raise ConfigError(f"r_schedule must be one of {R_SCHEDULES}, got {self.r_schedule!r}")
-        for name in ("prop_attn", "trace_source", "unmerge_mlp"):
+        for name in ("prop_attn", "trace_source", "unmerge_mlp", "random_destinations"):
             check_bool(name, getattr(self, name))
+        parts = (self.merge_parts,) if isinstance(self.merge_parts, str) else self.merge_parts
+        if not isinstance(parts, (list, tuple)) or not parts or any(p not in MERGE_PARTS for p in parts) \
+                or len(set(parts)) != len(parts):
+            raise ConfigError(f"merge_parts must be a non-empty list of distinct parts among {MERGE_PARTS}, "
+                              f"got {self.merge_parts!r}")
+        self.merge_parts = tuple(parts)
+        if isinstance(self.max_downsample, bool) or self.max_downsample not in MAX_DOWNSAMPLE:
+            raise ConfigError(f"max_downsample must be one of {MAX_DOWNSAMPLE}, got {self.max_downsample!r}")
+        check_positive_int("stride", self.stride)
         if self.merge_metric not in MERGE_METRICS:
             raise ConfigError(f"merge_metric must be 'auto', 'keys' or 'hidden', got {self.merge_metric!r}")
         if self.tome_mode not in TOME_MODES:

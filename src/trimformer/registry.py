@@ -28,7 +28,7 @@ __all__ = ["MECHANISMS", "METHODS", "SCORERS", "Method", "get_method", "method_n
 MECHANISMS: dict[str, frozenset[str]] = {
     "prune": frozenset({"decoder", "encoder", "seq2seq"}),
     "evict": frozenset({"decoder"}),
-    "merge": frozenset({"encoder"}),
+    "merge": frozenset({"encoder", "diffusion"}),
 }
 RUNTIME_SUFFIX = "+runtime"
 
@@ -97,8 +97,10 @@ _method("static", "baseline: attention sinks plus the most recent tokens (Stream
 _method("truncate", "baseline: keep the head and the tail of the prompt", "head_tail", "prune")
 _method("sdtp", "SDTP: a learned MLP per stage predicts token saliency from the hidden state (pruner=PATH)",
         "sdtp", "prune", revive_default=True, paper="SDTP (Tao et al., 2025)")
-_method("tome", "ToMe: bipartite soft matching merges r similar tokens per layer (encoders); adaptive=True: ATS "
-        "decides per input how many", None, "merge", paper="ToMe (Bolya et al., 2023); ATS (Fayyaz et al., 2022)")
+_method("tome", "ToMe: bipartite soft matching merges r similar tokens per layer (encoders; adaptive=True: ATS "
+        "decides per input how many); on diffusion models each block merges a share of its latent tokens and "
+        "unmerges its output (ToMe for Stable Diffusion)", None, "merge",
+        paper="ToMe (Bolya et al., 2023); ATS (Fayyaz et al., 2022); ToMeSD (Bolya & Hoffman, 2023)")
 _method("runtime", "decode-time KV eviction by accumulated attention, with a shadow set that readmits tokens",
         None, "evict", paper="H2O-style heavy hitters with a shadow set")
 
@@ -167,5 +169,5 @@ def resolve(config: Any) -> Method:
 
 
 def methods_for(kind: str) -> list[str]:
-    """The method names that run on models of `kind` ("decoder", "encoder", "seq2seq")."""
+    """The method names that run on models of `kind` ("decoder", "encoder", "seq2seq", "diffusion")."""
     return [name for name in method_names() if kind in get_method(name).applies_to]

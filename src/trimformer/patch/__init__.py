@@ -11,13 +11,15 @@ from ..registry import Method, methods_for
 from .base import Patch
 from .bert import BertPatch
 from .clip import ClipPatch
+from .diffusion import DiffusionPatch
 from .gemma3 import Gemma3Patch
 from .llama import LlamaPatch
 from .marian import MarianPatch
 from .vit import ViTPatch
 
 # the first that matches takes the model (decoders last: their check is the broadest)
-ADAPTERS: tuple[type[Patch], ...] = (BertPatch, ViTPatch, ClipPatch, MarianPatch, Gemma3Patch, LlamaPatch)
+ADAPTERS: tuple[type[Patch], ...] = (BertPatch, ViTPatch, ClipPatch, MarianPatch, DiffusionPatch, Gemma3Patch,
+                                     LlamaPatch)
 
 
 def adapter_for(model: torch.nn.Module) -> type[Patch]:
@@ -55,8 +57,10 @@ def prefill_plan(model: torch.nn.Module, config: TrimConfig, method: Method,
     return config.resolve_schedule(len(adapter.layers(model)), preset)
 
 
-_KIND_NAMES = {"decoder": "a decoder", "encoder": "an encoder", "seq2seq": "an encoder-decoder"}
-_KIND_PLURALS = {"decoder": "decoders", "encoder": "encoders", "seq2seq": "encoder-decoders"}
+_KIND_NAMES = {"decoder": "a decoder", "encoder": "an encoder", "seq2seq": "an encoder-decoder",
+               "diffusion": "a diffusion model"}
+_KIND_PLURALS = {"decoder": "decoders", "encoder": "encoders", "seq2seq": "encoder-decoders",
+                 "diffusion": "diffusion models"}
 
 
 def _supported(kinds: frozenset[str] | None = None) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the Pruna integration tests (tests/test_encoder_pruna.py) against real Pruna.
+# Runs the Pruna integration tests (tests/test_pruna.py) against real Pruna.
 #
 # pruna 0.3.4 resolves to torch 2.14 with CUDA libraries, so it lives in its own virtual environment
 # (benchmarks/.venv-pruna, git-ignored), created on first use:
@@ -36,4 +36,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import pruna, pytest,
   "$VENV/bin/python" -c "import pruna, torch, transformers; print(f'pruna {pruna.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"
 fi
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning tests/test_encoder_pruna.py "$@"
+exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning tests/test_pruna.py "$@"

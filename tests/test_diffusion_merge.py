@@ -216,3 +216,28 @@ def test_a_forward_without_a_latent_grid_is_refused():
     trim(unet, method="tome")
     with pytest.raises(TrimformerError, match="latent"):
         unet(torch.randn(2, 16, 4), torch.tensor([1, 1]), torch.randn(2, 7, 32))
+
+
+def test_merges_stay_inside_flat_regions_and_are_drawn(tmp_path):
+    from PIL import Image
+
+    from trimformer_lab.visualize import latent_merges, latent_merges_png
+
+    unet = tiny_unet()
+    x = torch.zeros(1, 4, 16, 16)
+    x[:, :, 8:] = torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None, None]        # two flat halves, top and bottom
+    trim(unet, method="tome", reduction_ratio=0.5, trace_source=True, random_destinations=False)
+    run(unet, x, torch.tensor([500]))
+    first = latent_merges(unet)[0]
+    assert first.slot.shape == (1, 256) and first.grid == (16, 16)
+    slot = first.slot[0]
+    interior = [y * 16 + c for y in (*range(2, 6), *range(10, 14)) for c in range(2, 14)]
+    for pos in interior:                        # a token well inside a half is merged with its own half only
+        members = (slot == slot[pos]).nonzero().flatten().tolist()
+        assert len({m // 16 < 8 for m in members}) == 1
+    path = latent_merges_png(unet, tmp_path / "merges.png", latents=x, cell=4)
+    assert Image.open(path).size == (4 * (16 * 4) + 3 * 4, 16 * 4)     # the latent and 3 merging blocks
+    trim(unet, method="tome", reduction_ratio=0.5)
+    run(unet, x, torch.tensor([500]))
+    with pytest.raises(TrimformerError, match="trace_source"):
+        latent_merges(unet)

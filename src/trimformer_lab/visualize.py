@@ -3,6 +3,9 @@
 * `merged_regions_png(model, pixel_values, path)`: after a forward of a ToMe-trimmed vision encoder,
   every patch is painted with the mean colour of the merged token it ended in, with borders between
   merged regions (``trace_source=True`` also lets you pick an earlier layer).
+* `latent_merges_png(denoiser_or_pipeline, path)`: after a forward of a ToMe-merged diffusion model
+  (``trace_source=True``), each merging block's latent grid with every merged group in its own colour,
+  its destination token marked, and tokens left alone in grey.
 * `token_depths(model, ...)`: for a trimmed decoder or text encoder, how many layers each prompt token
   went through (its depth: the model's layer count when it was never dropped), and for encoders the
   merged group of each token.
@@ -110,6 +113,69 @@ def merged_regions_png(model, pixel_values: torch.Tensor, path: str | Path, row:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     picture.save(path)
     return path
+
+
+# ---- latent grids (diffusion) ----------------------------------------------------------------------
+def latent_merges(model) -> list:
+    """The merging blocks of the last forward of a trimmed diffusion model (or pipeline), each with the
+    merged slot of every token (`slot` (B, N)) and the destinations (`dst`); needs trace_source=True."""
+    from trimformer.patch.diffusion import denoiser_of
+
+    patch = _patch(denoiser_of(model))
+    last = getattr(patch, "last", None)
+    if last is None or not hasattr(last, "grid"):
+        raise TrimformerError("no forward of a trimmed diffusion model has run since trim()")
+    blocks = [b for b in last.blocks if b.merged]
+    if blocks and blocks[0].slot is None:
+        raise TrimformerError("merge maps need trim(..., trace_source=True)")
+    return blocks
+
+
+def latent_merges_png(model, path: str | Path, row: int = 0, blocks: list[str] | None = None,
+                      latents: torch.Tensor | None = None, cell: int = 8) -> Path:
+    """Write a PNG with one panel per merging block (or the `blocks` named): each latent token a
+    `cell`-pixel square, the tokens of a merged group in the group's colour with its destination marked
+    by a dark centre, tokens merged with nothing in light grey. `latents` (B, C, H, W): the input latent,
+    drawn first (its first three channels, min-max scaled)."""
+    import numpy as np
+    from PIL import Image
+
+    chosen = [b for b in latent_merges(model) if blocks is None or b.name in blocks]
+    if not chosen:
+        raise TrimformerError(f"no merging block among {blocks}" if blocks else "no block merged in the last forward")
+    panels = []
+    if latents is not None:
+        x = latents[row, :3].detach().float().cpu()
+        x = ((x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)).permute(1, 2, 0).numpy()
+        panels.append(np.repeat(np.repeat(x, cell, 0), cell, 1))
+    for block in chosen:
+        if not 0 <= row < block.slot.shape[0]:
+            raise InputError(f"row must be in [0, {block.slot.shape[0]}), got {row}")
+        h, w = block.grid
+        slot = block.slot[row].numpy()
+        counts = np.bincount(slot, minlength=slot.max() + 1)
+        colours = np.array([_rgb(i) for i in range(counts.size)], dtype=np.float32)
+        tokens = np.where((counts[slot] > 1)[:, None], colours[slot], 0.85).reshape(h, w, 3)
+        canvas = np.repeat(np.repeat(tokens, cell, 0), cell, 1)
+        c0, c1 = cell // 3, cell - cell // 3
+        for pos in block.dst.tolist():
+            if counts[slot[pos]] > 1:
+                y, x_ = divmod(pos, w)
+                canvas[y * cell + c0:y * cell + c1, x_ * cell + c0:x_ * cell + c1] *= 0.35
+        panels.append(canvas)
+    height = max(p.shape[0] for p in panels)
+    gap = np.ones((height, cell, 3), dtype=np.float32)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=1.0) for p in panels]
+    picture = np.concatenate([part for p in padded for part in (p, gap)][:-1], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((picture.clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _rgb(i: int) -> tuple[float, float, float]:
+    """A distinct, saturated colour for group `i` (golden-ratio hues)."""
+    return colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.55 + 0.35 * ((i * 7) % 3) / 2, 0.9)
 
 
 # ---- text ----------------------------------------------------------------------------------------

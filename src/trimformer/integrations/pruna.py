@@ -8,7 +8,8 @@
     config["token_optimizer"] = {"method": "tome", "reduction_ratio": 0.3, "adaptive": True}
     smashed = smash(model=model, smash_config=config)
 
-Pruna stores the dict as the hyperparameters ``token_optimizer_method``, ``..._reduction_ratio`` and
+The same dict trims a diffusers pipeline or denoiser (``{"method": "tome", "reduction_ratio": 0.5}``: ToMe
+for Stable Diffusion in its transformer blocks; ``adaptive`` is for encoders). Pruna stores the dict as the hyperparameters ``token_optimizer_method``, ``..._reduction_ratio`` and
 ``..._adaptive`` (and ``..._r``, ``..._options`` for anything else TrimConfig takes, as a dict).
 Pruna is optional and is imported only by `register()` / `algorithm_class()`; install it with
 ``pip install pruna`` in an environment whose torch it can share (pruna 0.3.4 pulls torch 2.14 with CUDA
@@ -20,16 +21,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..api import trim
 from ..errors import ConfigError
+from ..patch.diffusion import DiffusionPatch, denoiser_of
 from ..patch.encoder import find_family
 from ..patch.gemma3 import Gemma3Patch
 from ..patch.llama import SUPPORTED
 from ..registry import methods_for
 
 ALGORITHM_NAME = "token_optimizer"
-# every method that runs on an encoder or a decoder (the models `model_supported` takes), from the registry
-METHODS_OFFERED = tuple(dict.fromkeys(methods_for("encoder") + methods_for("decoder")))
+# every method that runs on an encoder, a decoder or a diffusion model (the models `model_supported` takes)
+METHODS_OFFERED = tuple(dict.fromkeys(methods_for("encoder") + methods_for("decoder") + methods_for("diffusion")))
 
 
 def trim_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +59,11 @@ def trim_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_supported(model: Any) -> bool:
-    """True for the models trimformer has an adapter for (encoders and Llama-family decoders)."""
+    """True for the models trimformer has an adapter for: encoders, Llama-family decoders, and diffusers
+    denoisers and the pipelines holding them."""
+    denoiser = denoiser_of(model)
+    if isinstance(denoiser, torch.nn.Module) and DiffusionPatch.matches(denoiser):
+        return True
     model = getattr(model, "model", model) if type(model).__name__.endswith("Pipeline") else model
     return find_family(model) is not None or type(model).__name__ in SUPPORTED + Gemma3Patch.architectures
 
@@ -82,7 +90,8 @@ def algorithm_class():
 
     class TokenOptimizer(PrunaAlgorithmBase):
         """trimformer's token optimizer: ToMe merging, ATS-style adaptive sampling and token pruning inside
-        the forward pass of Hugging Face encoders (ViT, DeiT, CLIP vision, BERT) and decoders."""
+        the forward pass of Hugging Face encoders (ViT, DeiT, CLIP vision, BERT), decoders and diffusers
+        models (U-Nets and diffusion transformers, alone or in their pipelines)."""
 
         algorithm_name: str = ALGORITHM_NAME
         group_tags: list = [AlgorithmTag.PRUNER]
@@ -90,6 +99,7 @@ def algorithm_class():
         references: dict[str, str] = {
             "ToMe": "https://arxiv.org/abs/2210.09461",
             "ATS": "https://arxiv.org/abs/2111.15667",
+            "ToMeSD": "https://arxiv.org/abs/2303.17604",
             "LazyLLM": "https://arxiv.org/abs/2407.14057",
         }
         tokenizer_required: bool = False

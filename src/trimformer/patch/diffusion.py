@@ -48,6 +48,8 @@ class BlockRecord:
     parts: tuple[str, ...]    # the parts that ran on merged tokens
     flops_full: float         # analytic FLOPs of the block's linear layers and attention, whole batch
     flops_trimmed: float
+    slot: torch.Tensor | None = None      # (B, N) merged slot of each token, kept with trace_source=True
+    dst: torch.Tensor | None = None       # (Nd,) the destinations' token positions, with trace_source=True
 
 
 @dataclass
@@ -150,7 +152,10 @@ class DiffusionPatch(Patch):
             r = self.current[0].merged
         parts = self.parts if r > 0 else ()
         full, trimmed = block_flops(block, x.shape[0], n, n - r, parts, kwargs.get("encoder_hidden_states"))
-        state.blocks.append(BlockRecord(self.blocks[block], n, (h, w), downsample, r, parts, full, trimmed))
+        record = BlockRecord(self.blocks[block], n, (h, w), downsample, r, parts, full, trimmed)
+        if self.current is not None and self.config.merge.trace_source:
+            record.slot, record.dst = self.current[0].slot.cpu(), self.current[0].dst_pos.cpu()
+        state.blocks.append(record)
 
     def _block_end(self, block, args, output) -> None:
         self.current = None

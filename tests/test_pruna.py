@@ -1,4 +1,5 @@
-"""Pruna integration: the config mapping always; the algorithm itself when pruna is installed."""
+"""Pruna integration: the config mapping always; the algorithm itself when pruna is installed. Encoders,
+decoders and diffusers pipelines."""
 
 import importlib.util
 import os
@@ -27,13 +28,23 @@ def test_methods_offered_are_the_registrys():
     from trimformer.integrations.pruna import METHODS_OFFERED
     from trimformer.registry import methods_for
 
-    assert set(METHODS_OFFERED) == set(methods_for("encoder")) | set(methods_for("decoder"))
+    assert set(METHODS_OFFERED) == set(methods_for("encoder")) | set(methods_for("decoder")) | set(
+        methods_for("diffusion"))
     assert {"tome", "tsdtp", "lazy", "runtime"} <= set(METHODS_OFFERED)
 
 
 def test_model_check():
     assert model_supported(_vit())
     assert not model_supported(torch.nn.Linear(2, 2))
+
+
+def test_model_check_takes_diffusers_pipelines_and_denoisers():
+    pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusion]'")
+    from trimformer_lab.diffusion.pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    assert model_supported(pipe) and model_supported(pipe.unet)
+    assert not model_supported(pipe.vae)
 
 
 needs_pruna = pytest.mark.skipif(
@@ -108,3 +119,20 @@ def test_smash_refuses_a_model_it_cannot_trim(pruna_registered):  # pragma: no c
     config["token_optimizer"] = {"method": "tome"}
     with pytest.raises(ValueError, match="not compatible with token_optimizer"):
         smash(model=torch.nn.Sequential(torch.nn.Linear(2, 2)), smash_config=config)
+
+
+@needs_pruna
+def test_smash_merges_tokens_in_a_diffusers_pipeline(pruna_registered):  # pragma: no cover - needs pruna
+    pytest.importorskip("diffusers", reason="diffusers is not installed")
+    from pruna import SmashConfig, smash
+
+    from trimformer_lab.diffusion.pipeline import sample_latents, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    full = sample_latents(pipe, steps=2)
+    config = SmashConfig(device="cpu")
+    config["token_optimizer"] = {"method": "tome", "reduction_ratio": 0.5}
+    smashed = smash(model=pipe, smash_config=config)
+    merged = sample_latents(smashed, steps=2)
+    assert is_trimmed(pipe.unet) and stats(pipe.unet)["reduction_ratio"] == pytest.approx(0.5)
+    assert merged.shape == full.shape and not torch.equal(merged, full)

@@ -74,11 +74,10 @@ def test_merge_caps_r_at_the_sources():
 
 # ---- tiny denoisers ----------------------------------------------------------------------------
 def tiny_unet():
+    from trimformer_lab.diffusion.pipeline import TINY_SD_UNET
+
     torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    return diffusers.UNet2DConditionModel(**TINY_SD_UNET).eval()
 
 
 def tiny_pixart():
@@ -241,3 +240,27 @@ def test_merges_stay_inside_flat_regions_and_are_drawn(tmp_path):
     run(unet, x, torch.tensor([500]))
     with pytest.raises(TrimformerError, match="trace_source"):
         latent_merges(unet)
+
+
+# ---- real sizes: the SD 1.5 U-Net and PixArt-alpha XL-2-1024 configs (random weights) ---------------
+@pytest.mark.parametrize("name, resolution", [("sd15-unet-random", 128), ("pixart-alpha-1024-random", 256)])
+def test_published_configs_exact_at_ratio_zero_and_after_untrim(name, resolution):
+    from trimformer_lab.diffusion.models import load_denoiser, noise_prediction, step_inputs
+
+    torch.set_num_threads(2)
+    model = load_denoiser(name)
+    inputs = step_inputs(model, resolution, batch=2)
+    with torch.inference_mode():
+        ref = noise_prediction(model, inputs)
+        trim(model, method="tome", reduction_ratio=0.0, merge_parts=["self_attention", "cross_attention", "mlp"],
+             max_downsample=8)
+        assert torch.equal(noise_prediction(model, inputs), ref)
+        trim(model, method="tome", reduction_ratio=0.5)
+        merged = noise_prediction(model, inputs)
+        s = stats(model)
+        untrim(model)
+        assert torch.equal(noise_prediction(model, inputs), ref)
+    assert not torch.equal(merged, ref)
+    first = s["blocks"][0]
+    assert first["merged"] == first["tokens"] // 2 == (resolution // 8 // (2 if "pixart" in name else 1)) ** 2 // 2
+    assert s["merging_blocks"] == (5 if "unet" in name else 28)

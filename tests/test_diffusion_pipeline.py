@@ -66,3 +66,16 @@ def test_latent_drift_grows_with_the_ratio(pipe):
     assert 0 < rows[1]["mean_drift"] < rows[2]["mean_drift"]
     assert 1.0 < rows[1]["block_flop_ratio"] < rows[2]["block_flop_ratio"]
     assert not is_trimmed(pipe)
+
+
+def test_quality_comparison_of_images(pipe, tmp_path):
+    from trimformer_lab.diffusion.quality import compare, psnr
+
+    assert psnr(np.zeros((2, 2, 3)), np.zeros((2, 2, 3))) == float("inf")
+    assert psnr(np.zeros((1, 1, 3)), np.full((1, 1, 3), 0.1)) == pytest.approx(20.0)
+    same = compare(pipe, 0.0, ["a cube", "a ball"], steps=2, size=32, progress=False)
+    assert same["mean_psnr_db"] == float("inf") and same["images"] == 2
+    merged = compare(pipe, 0.6, ["a cube", "a ball"], steps=2, size=32, progress=False,
+                     merge_parts=("self_attention", "mlp"))
+    assert 0 < merged["mean_psnr_db"] < float("inf") and merged["trim_options"]["merge_parts"] == ["self_attention", "mlp"]
+    assert not is_trimmed(pipe)

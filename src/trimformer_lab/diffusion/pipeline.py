@@ -19,6 +19,13 @@ import torch
 from trimformer import stats, trim, untrim
 
 
+# the U-Net of the tiny pipeline: one cross-attention level (16 x 16 latent tokens at 32 px), 8 x 4-dim heads
+TINY_SD_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+
+
 def _byte_characters() -> list[str]:
     """The 256 printable characters byte-level BPE (GPT-2, CLIP) maps the bytes to."""
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -30,7 +37,7 @@ def _byte_characters() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def char_tokenizer(folder: str | Path, max_length: int = 16):
+def char_tokenizer(folder: str | Path, max_length: int = 32):
     """A CLIP tokenizer whose vocabulary is every byte character, alone or ending a word (no merges)."""
     from transformers import CLIPTokenizer
 
@@ -56,10 +63,7 @@ def tiny_pipeline(seed: int = 0):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    unet = UNet2DConditionModel(**TINY_SD_UNET)
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4, sample_size=32)

@@ -120,6 +120,7 @@ class DiffusionPatch(Patch):
             generator = torch.Generator().manual_seed(self._seed(kwargs.get("timestep", args[1] if len(args) > 1
                                                                              else None)))
         self.state = ForwardState((h, w), generator)
+        self.pending.clear()                  # left over only if the previous forward raised
 
     def _seed(self, timestep: Any) -> int:
         """The destinations are drawn per denoising step: seeded by `seed` and the step's timestep, so a

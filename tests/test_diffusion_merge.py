@@ -184,6 +184,32 @@ def test_flops_of_a_block_by_hand():
     assert s["flops_trimmed"] == pytest.approx(2 * (attn1(k) + attn2 + ff))
 
 
+def test_match_with_a_threshold_merges_only_pairs_alike_enough():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 1.0]],
+                      [[1.0, 0.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0]]])
+    dst, src = grid_partition(2, 2)
+    assert match(x, dst, src, 3, threshold=0.99).merged == 1        # row 0 has one source this alike
+    assert match(x, dst, src, 3, threshold=-1.0).merged == 3
+    assert match(x, dst, src, 1, threshold=0.5).merged == 1         # capped by r
+
+
+def test_adaptive_merges_fewer_tokens_where_fewer_are_alike():
+    unet = tiny_unet()
+    flat = torch.zeros(1, 4, 16, 16)
+    noisy = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    ref = run(unet, noisy, t)
+    trim(unet, {"method": "tome", "reduction_ratio": 0.5, "adaptive": True, "merge_threshold": 1.0})
+    assert torch.equal(run(unet, noisy, t), ref)                    # nothing is that alike: nothing merges
+    assert stats(unet)["merging_blocks"] == 0 and stats(unet)["adaptive"]
+    trim(unet, {"method": "tome", "reduction_ratio": 0.5, "adaptive": True, "merge_threshold": 0.9})
+    run(unet, flat, t)
+    merged_flat = stats(unet)["blocks"][0]["merged"]
+    run(unet, noisy, t)
+    merged_noisy = stats(unet)["blocks"][0]["merged"]
+    assert merged_flat == 128 and merged_noisy < merged_flat     # the flat latent merges up to the cap
+
+
 def test_a_pipeline_is_trimmed_through_its_denoiser():
     pipe = SimpleNamespace(unet=tiny_unet(), vae=None)
     assert trim(pipe, method="tome", reduction_ratio=0.3) is pipe
@@ -197,7 +223,7 @@ def test_a_pipeline_is_trimmed_through_its_denoiser():
 @pytest.mark.parametrize("options, message", [
     ({"method": "lazy"}, "diffusion model, whose methods are: tome"),
     ({"method": "tome", "r": 8}, "give reduction_ratio"),
-    ({"method": "tome", "adaptive": True}, "fixed share"),
+    ({"method": "tome", "adaptive": True, "adaptive_mode": "mass"}, "merges by similarity"),
     ({"method": "tome", "merge_parts": ["attention"]}, "merge_parts must be"),
     ({"method": "tome", "max_downsample": 3}, "max_downsample must be one of"),
     ({"method": "tome", "stride": 0}, "stride must be"),

@@ -9,7 +9,7 @@
     smashed = smash(model=model, smash_config=config)
 
 The same dict trims a diffusers pipeline or denoiser (``{"method": "tome", "reduction_ratio": 0.5}``: ToMe
-for Stable Diffusion in its transformer blocks; ``adaptive`` is for encoders). Pruna stores the dict as the hyperparameters ``token_optimizer_method``, ``..._reduction_ratio`` and
+for Stable Diffusion in its transformer blocks; with ``adaptive`` only tokens alike enough merge). Pruna stores the dict as the hyperparameters ``token_optimizer_method``, ``..._reduction_ratio`` and
 ``..._adaptive`` (and ``..._r``, ``..._options`` for anything else TrimConfig takes, as a dict).
 Pruna is optional and is imported only by `register()` / `algorithm_class()`; install it with
 ``pip install pruna`` in an environment whose torch it can share (pruna 0.3.4 pulls torch 2.14 with CUDA

@@ -65,15 +65,19 @@ def grid_partition(h: int, w: int, sx: int = 2, sy: int = 2, generator: torch.Ge
     return dst.sort().values.to(device), src.to(device)
 
 
-def match(metric: torch.Tensor, dst_pos: torch.Tensor, src_pos: torch.Tensor, r: int) -> GridMerge:
+def match(metric: torch.Tensor, dst_pos: torch.Tensor, src_pos: torch.Tensor, r: int,
+          threshold: float | None = None) -> GridMerge:
     """Match every source of metric (B, N, C) to its most similar destination (cosine) and merge the `r`
-    best-matched sources (at most all of them)."""
+    best-matched sources (at most all of them). With `threshold`, only sources at least that similar to
+    their destination merge, as many in every row (the fewest any row has), so the rows stay aligned."""
     b, n, c = metric.shape
     r = max(0, min(int(r), src_pos.shape[0]))
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         src, dst = metric[:, src_pos], metric[:, dst_pos]              # (B, Ns, C), (B, Nd, C)
         best, partner = (src @ dst.transpose(-1, -2)).max(dim=-1)      # (B, Ns)
+        if threshold is not None:
+            r = min(r, int((best >= threshold).sum(-1).min()))
         rank = best.argsort(dim=-1, descending=True, stable=True)      # (B, Ns) best matches first
         merged, stay = rank[:, :r], rank[:, r:].sort(dim=-1).values
         nu, nd = stay.shape[1], dst_pos.shape[0]

@@ -3,8 +3,9 @@
 Takes `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x / SDXL), `PixArtTransformer2DModel`,
 `DiTTransformer2DModel` and `Transformer2DModel`: every model whose transformer blocks are diffusers'
 `BasicTransformerBlock`. In each block whose token grid is at most `max_downsample` times coarser than the
-model's finest grid, a share `reduction_ratio` of the latent tokens is merged (`ops/grid_merge.py`) before
-the parts named in `merge_parts` (self-attention, cross-attention's queries, the MLP) and their outputs
+model's finest grid, a share `reduction_ratio` of the latent tokens is merged (`ops/grid_merge.py`; with
+``adaptive=True`` only tokens at least `merge_threshold` alike, up to that share) before the parts named in
+`merge_parts` (self-attention, cross-attention's queries, the MLP) and their outputs
 are unmerged, so the residual stream keeps every token. Everything is forward hooks on the denoiser, its
 blocks and their parts: `untrim` removes them and the model is exactly as before. A pipeline
 (`trim(pipe, ...)`) is trimmed through its `unet` or `transformer`.
@@ -79,9 +80,12 @@ class DiffusionPatch(Patch):
         if merge.r is not None:
             raise ConfigError("diffusion models merge a share of each block's tokens: give reduction_ratio (or "
                               "keep), not r")
-        if config.adaptive.enabled:
-            raise ConfigError("adaptive=True decides per image how many tokens an encoder merges; diffusion "
-                              "models merge a fixed share: give reduction_ratio without adaptive")
+        adaptive = config.adaptive
+        if adaptive.enabled and adaptive.mode == "mass":
+            raise ConfigError("adaptive_mode 'mass' keeps tokens by attention mass when dropping; on a diffusion "
+                              "model adaptive=True merges by similarity (adaptive_mode 'similarity' or the default)")
+        # adaptive=True: merge only sources at least merge_threshold alike, at most the share reduction_ratio
+        self.threshold = adaptive.merge_threshold if adaptive.enabled else None
         self.ratio = 1.0 - config.keep if config.keep is not None else 0.5
         self.parts = tuple(merge.merge_parts)
         self.patch_size = int(getattr(model.config, "patch_size", None) or 1)
@@ -149,8 +153,9 @@ class DiffusionPatch(Patch):
         if r > 0:
             stride = self.config.merge.stride
             dst, src = grid_partition(h, w, stride, stride, state.generator, x.device)
-            self.current = (match(x, dst, src, r), n)
-            r = self.current[0].merged
+            m = match(x, dst, src, r, self.threshold)
+            r = m.merged
+            self.current = (m, n) if r > 0 else None     # adaptive: no pair alike enough, nothing to merge
         parts = self.parts if r > 0 else ()
         full, trimmed = block_flops(block, x.shape[0], n, n - r, parts, kwargs.get("encoder_hidden_states"))
         record = BlockRecord(self.blocks[block], n, (h, w), downsample, r, parts, full, trimmed)
@@ -198,6 +203,7 @@ class DiffusionPatch(Patch):
             "method": self.config.method,
             "architecture": type(self.model).__name__,
             "reduction_ratio": self.ratio,
+            "adaptive": self.threshold is not None,
             "merge_parts": list(self.parts),
             "max_downsample": self.config.merge.max_downsample,
             "grid": list(state.grid),

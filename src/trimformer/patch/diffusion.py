@@ -48,7 +48,7 @@ class BlockRecord:
     merged: int               # tokens merged away per row (0: the block did not merge)
     parts: tuple[str, ...]    # the parts that ran on merged tokens
     flops_full: float         # analytic FLOPs of the block's linear layers and attention, whole batch
-    flops_trimmed: float
+    flops_trimmed: float      # the same with the merged parts on fewer tokens, plus the matching
     slot: torch.Tensor | None = None      # (B, N) merged slot of each token, kept with trace_source=True
     dst: torch.Tensor | None = None       # (Nd,) the destinations' token positions, with trace_source=True
 
@@ -158,6 +158,8 @@ class DiffusionPatch(Patch):
             self.current = (m, n) if r > 0 else None     # adaptive: no pair alike enough, nothing to merge
         parts = self.parts if r > 0 else ()
         full, trimmed = block_flops(block, x.shape[0], n, n - r, parts, kwargs.get("encoder_hidden_states"))
+        if r > 0:                                   # the matching: each source's cosine to every destination
+            trimmed += 2.0 * x.shape[0] * src.shape[0] * dst.shape[0] * x.shape[2]
         record = BlockRecord(self.blocks[block], n, (h, w), downsample, r, parts, full, trimmed)
         if self.current is not None and self.config.merge.trace_source:
             record.slot, record.dst = self.current[0].slot.cpu(), self.current[0].dst_pos.cpu()

@@ -20,6 +20,21 @@ from trimformer.serve import Engine, Server
 
 CONFIG = TrimConfig(method="lazy", keep=0.5, layers=(1, 3), sinks=2, protect_last=4)
 PROMPT = "the quick brown fox jumps over the lazy dog while seven cats watch from a tall tree"
+BAD_REQUESTS = [     # (path, body, status, the error's param)
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": 5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": [1, 2, 500]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1000}, 400, "max_tokens"),   # past the 512 context
+    ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4"}, 404, "model"),
+    ("/v1/embeddings", {"input": "x"}, 404, None),
+]
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +157,7 @@ def test_short_prompt_runs_on_the_full_model_and_seeded_sampling_repeats(server,
     assert texts[0] == texts[1] != texts[2] and texts[0] != run(tokenizer(PROMPT)["input_ids"], 6)[0]
 
 
-@pytest.mark.parametrize("path, body, status, param", [
-    ("/v1/chat/completions", b"{not json", 400, None),
-    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
-    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": PROMPT, "temperature": 5}, 400, "temperature"),
-    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": PROMPT, "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": [1, 2, 500]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1000}, 400, "max_tokens"),   # past the 512 context
-    ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4"}, 404, "model"),
-    ("/v1/embeddings", {"input": "x"}, 404, None),
-])
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
 def test_bad_requests_get_openai_shaped_4xx(server, path, body, status, param):
     got, answer = _json(server, path, body)
     assert got == status

@@ -24,6 +24,7 @@ from .generation import greedy
 from .loading import load_model
 from .registry import METHODS, SCORERS, resolve
 from .serve import Engine, Server
+from .serve_ray import add_ray_options
 
 COMMAND_GROUP = "trimformer.commands"
 LAB_INSTALL = 'pip install -e ".[lab]"'
@@ -156,6 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise TrimformerError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.ray:
+        from .serve_ray import run
+        return run(args)
     config = None if args.method == "none" else trim_config_from_args(args)
     model, tokenizer = load_from_args(args)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -186,6 +190,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512,
                    help="tokens a chat request may generate when it sets no max_tokens (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no log line per request")
+    add_ray_options(p)
     p.set_defaults(func=cmd_serve)
 
 

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
@@ -26,9 +25,8 @@ from .api import stats, trim, untrim
 from .config import TrimConfig
 from .generation import GreedyStream
 from .registry import resolve
-from .serve_api import Job, RequestError, held_back, parse_request, pick
-
-MAX_BODY_BYTES = 16 << 20
+from .serve_answers import SSE_HEADERS, StreamAnswer, whole_answer
+from .serve_api import Job, RequestError, body_length, get_route, held_back, pick, post_request
 
 
 class Engine:
@@ -66,16 +64,21 @@ class Engine:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._run(job)
-            except RequestError as exc:
-                job.events.put(("error", exc))
-            except Exception as exc:  # noqa: BLE001 - the server stays up; the client hears what failed
-                traceback.print_exc(file=sys.stderr)
-                job.events.put(("error", RequestError(500, f"generation failed: {type(exc).__name__}: {exc}",
-                                                      kind="server_error")))
+            self.answer(job)
+
+    def answer(self, job: Job) -> None:
+        """Generates `job`'s answer into `job.events` (skipped if cancelled); a failure ends them with an
+        error event: the request's RequestError, or a 500."""
+        if job.cancelled.is_set():
+            return
+        try:
+            self._run(job)
+        except RequestError as exc:
+            job.events.put(("error", exc))
+        except Exception as exc:  # noqa: BLE001 - the server stays up; the client hears what failed
+            traceback.print_exc(file=sys.stderr)
+            job.events.put(("error", RequestError(500, f"generation failed: {type(exc).__name__}: {exc}",
+                                                  kind="server_error")))
 
     def encode(self, job: Job) -> list[int]:
         if isinstance(job.prompt, str):
@@ -164,35 +167,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.log:
             self.server.log(f"[trimformer serve] {self.address_string()} {format % args}")
 
-    # -- routes --
     def do_GET(self) -> None:
-        if self.path == "/health":
-            self._json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model",
-                                                         "created": self.server.created, "owned_by": "trimformer"}]})
-        elif self.path in ("/v1/completions", "/v1/chat/completions"):
-            self._error(RequestError(405, f"{self.path} takes POST", code="method_not_allowed"))
-        else:
-            self._error(RequestError(404, f"no route {self.path}; routes: /v1/completions, /v1/chat/completions, "
-                                          "/v1/models, /health", code="not_found"))
+        try:
+            self._json(200, get_route(self.path, self.server.name, self.server.created))
+        except RequestError as exc:
+            self._error(exc)
 
     def do_POST(self) -> None:
         try:
-            if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                self._read_body()
-                raise RequestError(404, f"no route POST {self.path}; POST routes: /v1/completions, "
-                                        "/v1/chat/completions", code="not_found")
-            body = self._read_body()
             try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(400, f"the request body is not valid JSON: {exc}") from exc
-            job = parse_request(payload, chat=self.path == "/v1/chat/completions")
-            model = payload.get("model")
-            if model is not None and model != self.server.name:
-                raise RequestError(404, f"the model {model!r} does not exist; this server serves {self.server.name!r}",
-                                   "model", "model_not_found")
+                body = self.rfile.read(body_length(self.headers))
+            except RequestError:
+                self.close_connection = True
+                raise
+            _, job = post_request(self.path, body, self.server.name)
         except RequestError as exc:
             self._error(exc)
             return
@@ -202,23 +190,11 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled.set()       # the client left: stop generating for it
 
-    # -- answers --
     def _whole(self, job: Job) -> None:
-        parts: list[str] = []
-        while (event := job.events.get())[0] == "text":
-            parts.append(event[1])
-        if event[0] == "error":
-            self._error(event[1])
-            return
-        _, finish, usage = event
-        ident, created, text = self._ident(job), int(time.time()), "".join(parts)
-        if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        self._json(200, {"id": ident, "object": "chat.completion" if job.chat else "text_completion",
-                         "created": created, "model": self.server.name, "choices": [choice], "usage": usage})
+        events = [job.events.get()]
+        while events[-1][0] == "text":
+            events.append(job.events.get())
+        self._json(*whole_answer(job, self.server.name, events))
 
     def _stream(self, job: Job) -> None:
         event = job.events.get()
@@ -226,61 +202,16 @@ class Handler(BaseHTTPRequestHandler):
             self._error(event[1])
             return
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
+        for key, value in SSE_HEADERS.items():
+            self.send_header(key, value)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        ident, created = self._ident(job), int(time.time())
-        kind = "chat.completion.chunk" if job.chat else "text_completion"
-
-        def chunk(choices: list[dict], **extra: Any) -> None:
-            self._event({"id": ident, "object": kind, "created": created, "model": self.server.name,
-                         "choices": choices, **extra})
-
-        def choice(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-            if not job.chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            delta = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-        first = True
+        answer = StreamAnswer(job, self.server.name)
+        self._write_chunk(answer.data(event))
         while event[0] == "text":
-            chunk([choice(event[1], None, role=first)])
-            first = False
             event = job.events.get()
-        if event[0] == "error":
-            self._event(event[1].body())
-        else:
-            _, finish, usage = event
-            if first and job.chat:
-                chunk([choice("", None, role=True)])
-            chunk([choice(None, finish)])
-            if job.include_usage:
-                chunk([], usage=usage)
-        self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(answer.data(event))
         self._write_chunk(b"")
-
-    def _ident(self, job: Job) -> str:
-        return f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
-
-    # -- wire --
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
-            self.close_connection = True
-            raise RequestError(411, "send the body with a Content-Length (chunked request bodies are not supported)")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise RequestError(411, "a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise RequestError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(int(length))
-
-    def _event(self, payload: dict[str, Any]) -> None:
-        self._write_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")

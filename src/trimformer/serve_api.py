@@ -1,17 +1,21 @@
-"""The requests of trimformer's OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``):
-a JSON body validated into a `Job`, or a `RequestError` in OpenAI's error shape; the token choice
-(greedy at temperature 0, else top-p sampling) and what of a streamed text to hold back."""
+"""The requests of trimformer's OpenAI-compatible servers (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``, ``/health``): a request validated into a `Job` or a GET route's answer, or a `RequestError`
+in OpenAI's error shape; the token choice (greedy at temperature 0, else top-p sampling) and what of a
+streamed text to hold back. Both the standard-library server and the Ray Serve application use them."""
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 COMPLETION_DEFAULT_TOKENS = 16     # OpenAI's default max_tokens for /v1/completions
+MAX_BODY_BYTES = 16 << 20
+POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -25,6 +29,9 @@ class RequestError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def __reduce__(self):          # pickled whole (between Ray processes), not as Exception(message)
+        return type(self), (self.status, self.message, self.param, self.code, self.kind)
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -125,6 +132,49 @@ def parse_request(body: Any, chat: bool) -> Job:
                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=_stop(body),
                seed=_integer(body, "seed", 0), stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+def get_route(path: str, name: str, created: int) -> dict[str, Any]:
+    """The JSON answer of a GET `path` (``/health``, ``/v1/models``), or a RequestError (405, 404)."""
+    if path == "/health":
+        return {"status": "ok"}
+    if path == "/v1/models":
+        return {"object": "list",
+                "data": [{"id": name, "object": "model", "created": created, "owned_by": "trimformer"}]}
+    if path in POST_ROUTES:
+        raise RequestError(405, f"{path} takes POST", code="method_not_allowed")
+    raise RequestError(404, f"no route {path}; routes: /v1/completions, /v1/chat/completions, /v1/models, /health",
+                       code="not_found")
+
+
+def body_length(headers: Mapping[str, str]) -> int:
+    """The Content-Length a POST must carry, within MAX_BODY_BYTES; a RequestError (411, 413) otherwise."""
+    if "chunked" in headers.get("Transfer-Encoding", ""):
+        raise RequestError(411, "send the body with a Content-Length (chunked request bodies are not supported)")
+    length = headers.get("Content-Length")
+    if length is None or not length.isdigit():
+        raise RequestError(411, "a Content-Length header is required")
+    if int(length) > MAX_BODY_BYTES:
+        raise RequestError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    return int(length)
+
+
+def post_request(path: str, body: bytes, name: str) -> tuple[dict[str, Any], Job]:
+    """A POST to `path` with `body`, for the server of model `name` -> (the JSON payload, its Job), or a
+    RequestError: an unknown route (404), a body that is not JSON or not a valid request (400), another
+    model's name (404)."""
+    if path not in POST_ROUTES:
+        raise RequestError(404, f"no route POST {path}; POST routes: {', '.join(POST_ROUTES)}", code="not_found")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON: {exc}") from exc
+    job = parse_request(payload, chat=path == "/v1/chat/completions")
+    model = payload.get("model")
+    if model is not None and model != name:
+        raise RequestError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model",
+                           "model_not_found")
+    return payload, job
 
 
 # ---- generation -------------------------------------------------------------------------------

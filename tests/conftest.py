@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -148,3 +150,16 @@ def llama():
 @pytest.fixture
 def prompt100():
     return make_prompt(100, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A new local Ray cluster (2 CPUs, no dashboard, its own temp folder) shared by the whole test session;
+    yields its address and shuts it down at the end. Skips where Ray is not installed."""
+    ray = pytest.importorskip("ray", reason='Ray is not installed (pip install -e ".[ray]")')
+    pytest.importorskip("ray.data", reason='Ray Data is not installed (pip install -e ".[ray]")')
+    temp = tempfile.mkdtemp(prefix="ray")          # short: Ray's socket paths live under it
+    info = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp)
+    yield info.address_info["address"]
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

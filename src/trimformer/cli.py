@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .api import stats, trim
+from .batch import cmd_batch
 from .config import TrimConfig
 from .errors import TrimformerError
 from .generation import greedy
@@ -194,6 +195,25 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def add_batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="greedy answers to a JSONL file of prompts, in one process or on Ray Data")
+    add_model_options(p)
+    add_trim_options(p, allow_none=True)
+    p.add_argument("--input", required=True,
+                   help='JSONL, a line per prompt: {"id", "prompt"} or {"id", "messages"}, optional "max_tokens"')
+    p.add_argument("--output", required=True,
+                   help="JSONL of answers, appended line by line; a re-run skips the lines already there")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="for lines without max_tokens (default: %(default)s)")
+    p.add_argument("--raw", action="store_true", help="do not wrap text prompts in the chat template")
+    g = p.add_argument_group("Ray Data (pip install -e \".[ray]\")")
+    g.add_argument("--ray", action="store_true", help="answer on a pool of model actors on Ray Data")
+    g.add_argument("--actors", type=int, default=None, help="actors (default: the cluster's CPUs / --threads-per-actor)")
+    g.add_argument("--threads-per-actor", type=int, default=1, help="torch threads and Ray CPUs per actor (default: 1)")
+    g.add_argument("--ray-address", default="auto",
+                   help="cluster to join; auto: a running one, else a new local one (default: %(default)s)")
+    p.set_defaults(func=cmd_batch)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """The registry: each method's scorer, mechanisms and model kinds, then each scorer's needs."""
     print(f"{'method':14s} {'scorer':13s} {'mechanisms':12s} {'runs on':26s} what it does")
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     add_serve_parser(sub)
+    add_batch_parser(sub)
 
     p = sub.add_parser("methods", help="list the pruning methods")
     p.set_defaults(func=cmd_methods)

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from trimformer import TrimConfig
-from trimformer.batch import Item, Spec, answers, scan
+from trimformer.batch import answers, scan
+from trimformer.batch_engine import Item, Spec
 from trimformer.batch_ray import answers as ray_answers
 from trimformer.loading import load_model
 from trimformer_lab.evaluation.needle import load_essays

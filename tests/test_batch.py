@@ -12,7 +12,8 @@ import pytest
 from tiny_checkpoint import save_tiny
 
 from trimformer import TrimConfig
-from trimformer.batch import Spec, run_batch
+from trimformer.batch import run_batch
+from trimformer.batch_engine import Spec
 from trimformer.cli import main
 
 TRIM = ["--method", "lazy", "--keep", "0.5", "--layers", "1,3", "--sinks", "2", "--protect-last", "4"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .batch import Item, Spec
+from .batch_engine import Item, Spec
 
 BATCH_ROWS = 1       # lines per batch: a retry redoes at most one line
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .api import stats, trim
-from .batch import cmd_batch
+from .batch import batch_command
 from .config import TrimConfig
 from .errors import TrimformerError
 from .generation import greedy
@@ -193,6 +193,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no log line per request")
     add_ray_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    return batch_command(args, None if args.method == "none" else trim_config_from_args(args))
 
 
 def add_batch_parser(sub) -> None:

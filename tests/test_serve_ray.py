@@ -6,6 +6,7 @@ end in OpenAI-shaped 5xx errors, and Serve starts a new replica."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -88,6 +89,66 @@ def test_app_builder_takes_the_serve_options():
     assert args.ray is False and args.max_batch_size == 8 and args.threads_per_replica == 1
 
 
+class _Replicas:
+    """A stand-in for the model deployment's handle: each call answers `script`'s next item, a list of events
+    (streamed) or an exception (raised after the events before it)."""
+
+    def __init__(self, *script):
+        self.script, self.calls = list(script), 0
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, stream: bool):
+        return self
+
+    def _remote(self, payload, chat):
+        self.calls += 1
+        return _Response(self.script.pop(0))
+
+
+class _Response:
+    def __init__(self, item):
+        self.items = list(item)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.items = []
+
+
+def _ingress_events(replicas: _Replicas, stream: bool) -> list:
+    from trimformer.serve_ray import OpenAIRoutes
+
+    async def collect() -> list:
+        return [e async for e in OpenAIRoutes(replicas, "tiny")._events({"prompt": "x"}, stream, False)]
+
+    return asyncio.run(collect())
+
+
+def test_ingress_sends_a_request_again_while_its_client_has_seen_nothing():
+    from ray.exceptions import ActorDiedError
+
+    done = ("done", "length", {})
+    replicas = _Replicas([("text", "a"), ActorDiedError()], [("text", "a"), ("text", "b"), done])
+    assert _ingress_events(replicas, stream=False) == [("text", "a"), ("text", "b"), done] and replicas.calls == 2
+    replicas = _Replicas([ActorDiedError()], [("text", "a"), ActorDiedError()])
+    events = _ingress_events(replicas, stream=True)             # the second try had begun to stream: no third
+    assert events[0] == ("text", "a") and events[1][0] == "error" and replicas.calls == 2
+    assert (events[1][1].status, events[1][1].body()["error"]["code"]) == (503, "replica_lost")
+    events = _ingress_events(_Replicas(*[[ActorDiedError()]] * 3), stream=False)
+    assert len(events) == 1 and events[0][1].status == 503 and events[0][1].kind == "server_error"
+    events = _ingress_events(_Replicas([RuntimeError("boom")]), stream=False)
+    assert events[0][1].status == 500 and "boom" in events[0][1].message
+
+
 def test_routes_and_whole_answers_equal_the_single_process_server(replicated, single):
     for path in ("/health", "/v1/models", "/v1/completions", "/nowhere"):
         assert _same(_json(replicated, path)) == _same(_json(single, path))
@@ -140,8 +201,9 @@ def _replicas() -> list[str]:
                   if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#TrimmedModel#"))
 
 
-def _stream_lines(server, body: dict, begun: threading.Event) -> tuple[int, list]:
-    """A streamed completion read as it comes (http.client); `begun` is set at its first chunk."""
+def _stream_lines(server, body: dict, begun: threading.Event, ended: threading.Event) -> tuple[int, list]:
+    """A streamed completion read as it comes (http.client); `begun` is set at its first chunk, `ended` at
+    its last."""
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
@@ -154,6 +216,7 @@ def _stream_lines(server, body: dict, begun: threading.Event) -> tuple[int, list
             begun.set()
             payload = line[len(b"data: "):].strip().decode()
             events.append(payload if payload == "[DONE]" else json.loads(payload))
+    ended.set()
     conn.close()
     return 200, events
 
@@ -165,20 +228,23 @@ def test_a_killed_replica_loses_no_request_that_can_be_sent_again(replicated, si
     bodies = [{"prompt": PROMPT[i % 2:], "max_tokens": 300, "temperature": 0} for i in range(10)]
     expected = [_json(single, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies[:2]] * 5
     results: list = [None] * len(bodies)
-    begun = [threading.Event() for _ in bodies]
+    begun, ended = [threading.Event() for _ in bodies], [threading.Event() for _ in bodies]
 
-    def ask(i: int) -> None:             # even: streamed, odd: whole
-        results[i] = _stream_lines(replicated, bodies[i], begun[i]) if i % 2 == 0 else \
+    def ask(i: int) -> None:             # the first 6 streamed, then 4 whole
+        results[i] = _stream_lines(replicated, bodies[i], begun[i], ended[i]) if i < 6 else \
             _json(replicated, "/v1/completions", bodies[i])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
+    for i, t in enumerate(threads):
         t.start()
+        time.sleep(0.05 if i == 5 else 0)
     victims = _replicas()
     assert len(victims) == 2
-    deadline = time.monotonic() + 30     # a replica answers one row at a time: two streams begun, one on each
-    while sum(e.is_set() for e in begun) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    deadline = time.monotonic() + 30     # a replica writes one stream at a time: two under way, one on each
+    while (under_way := sum(b.is_set() and not e.is_set() for b, e in zip(begun, ended))) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert under_way >= 2, "the two replicas were never writing a stream at once"
     ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=120)

@@ -42,7 +42,8 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     """The options of `trimformer serve --ray` (added to the serve command's parser)."""
     g = parser.add_argument_group("replicas on Ray Serve (--ray)")
     g.add_argument("--ray", action="store_true", help="serve through Ray Serve, the model replicated")
-    g.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start one on this machine)")
+    g.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster to join (auto: the local one; default: start a new one)")
     g.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
     g.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas ...")
     g.add_argument("--max-replicas", type=int, default=None, help="... to this many (both set: autoscaling)")
@@ -150,7 +151,8 @@ class OpenAIRoutes:
 
     async def _events(self, payload: dict[str, Any], stream: bool, chat: bool) -> AsyncIterator[Event]:
         """The events of one request from a replica. A try whose replica dies is repeated while nothing of it
-        has reached the client (a whole answer is held back until its end); then a 503 error event."""
+        has reached the client (a whole answer is held back until its end), up to RETRIES times; then a 503
+        error event. Any other failure: a 500 error event."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import ReplicaUnavailableError
 
@@ -173,6 +175,10 @@ class OpenAIRoutes:
                                                  code="replica_lost", kind="server_error"))
                     return
                 continue
+            except Exception as exc:  # noqa: BLE001 - any other failure reaches the client in OpenAI's shape
+                yield ("error", RequestError(500, f"the model replica failed: {type(exc).__name__}: {exc}",
+                                             kind="server_error"))
+                return
             finally:
                 if not finished:
                     response.cancel()
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if args.port == 0:
         raise TrimformerError("--ray serves on a fixed --port (0 is not supported)")
     app = build_app(args)
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=not args.quiet)
+    ray.init(address=args.ray_address or "local", include_dashboard=False, log_to_driver=not args.quiet)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from .cli_options import add_model_options, add_server_options, add_trim_options, trim_config_from_args
 from .config import TrimConfig
 from .errors import TrimformerError
 from .loading import load_model
@@ -192,8 +193,6 @@ def build_app(args: argparse.Namespace):
     """The Ray Serve application of `trimformer serve` arguments (its --ray options included)."""
     from ray import serve
 
-    from .cli import trim_config_from_args
-
     if args.max_tokens < 1 or args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.threads_per_replica < 1:
         raise TrimformerError("--max-tokens, --max-batch-size and --threads-per-replica must be >= 1, "
                               "--batch-wait-ms >= 0")
@@ -219,11 +218,12 @@ def build_app(args: argparse.Namespace):
 def serve_args(options: dict[str, Any]) -> argparse.Namespace:
     """`trimformer serve` arguments from a dict of option names (``served_model_name`` or
     ``served-model-name``) to values; True sets a flag."""
-    from .cli import add_serve_parser
-
     parser = argparse.ArgumentParser(prog="trimformer.serve_ray:app_builder")
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    argv = ["serve"]
+    add_model_options(parser)
+    add_trim_options(parser, allow_none=True)
+    add_server_options(parser)
+    add_ray_options(parser)
+    argv = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is True or str(value).lower() == "true":

@@ -18,8 +18,8 @@ import torch
 from packaging.requirements import Requirement
 
 from trimformer import METHODS
-from trimformer.cli import (LAB_INSTALL, add_model_options, add_trim_options, int_list, load_from_args,
-                            trim_config_from_args)
+from trimformer.cli import LAB_INSTALL
+from trimformer.cli_options import add_model_options, add_trim_options, int_list, load_from_args, trim_config_from_args
 from trimformer.errors import TrimformerError
 
 from . import bench, distributed

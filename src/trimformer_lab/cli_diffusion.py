@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from trimformer.cli import int_list
+from trimformer.cli_options import int_list
 from trimformer.errors import TrimformerError
 
 from . import bench

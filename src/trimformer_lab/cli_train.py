@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from trimformer.cli import add_model_options, int_list, load_from_args
+from trimformer.cli_options import add_model_options, int_list, load_from_args
 from trimformer.config import default_layers
 from trimformer.errors import TrimformerError
 from trimformer.presets import preset_for

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trimformer.cli import add_model_options, int_list, load_from_args
+from trimformer.cli_options import add_model_options, int_list, load_from_args
 from trimformer.errors import TrimformerError
 from trimformer.presets import cache_path, save_preset
 

@@ -103,6 +103,19 @@ def test_rerun_skips_what_is_written(folder, tmp_path):
     assert out.read_text(encoding="utf-8") == before
 
 
+def test_a_second_job_on_the_same_output_is_refused(folder, tmp_path):
+    from trimformer.batch import Output
+    from trimformer.errors import TrimformerError
+
+    src, out = prompts_file(tmp_path), tmp_path / "out.jsonl"
+    with Output(out):                            # a job in progress holds the output
+        with pytest.raises(TrimformerError, match="another job is writing"):
+            Output(out)
+        assert batch(folder, src, out) == 2      # the command ends with the error, writing nothing
+    assert out.read_text(encoding="utf-8") == ""
+    assert batch(folder, src, out) == 0 and len(read(out)) == len(PROMPTS)
+
+
 def test_ray_same_answers(folder, tmp_path, ray_cluster):
     src = prompts_file(tmp_path)
     one, many = tmp_path / "one.jsonl", tmp_path / "ray.jsonl"

@@ -41,9 +41,9 @@ class Output:
         self.ids: set[str | int] = set()     # ids answered
         self.lines: set[int] = set()          # input lines reported as errors
         self.written = {"answers": 0, "errors": 0}
-        if path.exists():
-            self._read(path)
         self.file = path.open("a", encoding="utf-8")
+        _lock(self.file, path)               # before reading: no other job appends while this one runs
+        self._read(path)
 
     def _read(self, path: Path) -> None:
         data = path.read_bytes()
@@ -86,6 +86,20 @@ class Output:
 
     def __exit__(self, *exc: Any) -> None:
         self.file.close()
+
+
+def _lock(file: Any, path: Path) -> None:
+    """Hold an exclusive lock on the open output `file` (POSIX), or refuse: two jobs appending to one file
+    would answer the same lines twice."""
+    try:
+        import fcntl
+    except ImportError:                      # no POSIX locks on this platform: run one job per output
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        file.close()
+        raise TrimformerError(f"another job is writing {path}; wait for it to end or give another --output") from exc
 
 
 # ---- input ------------------------------------------------------------------------------------

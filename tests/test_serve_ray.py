@@ -18,10 +18,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[ray]')")
 
-import trimformer  # noqa: E402
 from test_serve import BAD_REQUESTS, CONFIG, PROMPT, _events, _json  # noqa: E402
-from tiny_checkpoint import save_tiny  # noqa: E402
-from trimformer.serve import Engine, Server  # noqa: E402
+from test_serve import folder, server  # noqa: E402,F401  (the tiny checkpoint and the single-process server)
 from trimformer.serve_ray import APP_NAME, app_builder, serve_args  # noqa: E402
 
 OPTIONS = {"served_model_name": "tiny", "method": "lazy", "keep": 0.5, "layers": "1,3", "sinks": 2,
@@ -41,20 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("serve_ray") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def single(folder):
-    """The single-process server on the same checkpoint and trim options."""
-    model, tokenizer = trimformer.load_model(str(folder))
-    srv = Server(Engine(model, tokenizer, CONFIG), "tiny", ("127.0.0.1", 0)).start()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -149,35 +133,35 @@ def test_ingress_sends_a_request_again_while_its_client_has_seen_nothing():
     assert events[0][1].status == 500 and "boom" in events[0][1].message
 
 
-def test_routes_and_whole_answers_equal_the_single_process_server(replicated, single):
+def test_routes_and_whole_answers_equal_the_single_process_server(replicated, server):
     for path in ("/health", "/v1/models", "/v1/completions", "/nowhere"):
-        assert _same(_json(replicated, path)) == _same(_json(single, path))
+        assert _same(_json(replicated, path)) == _same(_json(server, path))
     assert _json(replicated, "/v1/models")[1]["data"][0]["id"] == "tiny"
     for path, body in REQUESTS:
-        got, want = _json(replicated, path, body), _json(single, path, body)
+        got, want = _json(replicated, path, body), _json(server, path, body)
         assert got[0] == 200 and _same(got[1]) == _same(want[1])
 
 
-def test_streamed_answers_equal_the_single_process_server(replicated, single):
+def test_streamed_answers_equal_the_single_process_server(replicated, server):
     for path, body in REQUESTS:
         body = {**body, "stream_options": {"include_usage": True}}
-        got, want = _events(replicated, path, body), _events(single, path, body)
+        got, want = _events(replicated, path, body), _events(server, path, body)
         assert got[-1] == "[DONE]" and len({c["id"] for c in got[:-1]}) == 1
         assert _same(got) == _same(want)
 
 
 @pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
-def test_bad_requests_get_the_same_openai_shaped_4xx(replicated, single, path, body, status, param):
+def test_bad_requests_get_the_same_openai_shaped_4xx(replicated, server, path, body, status, param):
     got = _json(replicated, path, body)
-    assert got == _json(single, path, body) and got[0] == status and got[1]["error"]["param"] == param
+    assert got == _json(server, path, body) and got[0] == status and got[1]["error"]["param"] == param
     stream = {**body, "stream": True} if isinstance(body, dict) and "stream" not in body else body
-    assert _json(replicated, path, stream) == _json(single, path, stream)     # nothing streamed: plain 4xx
+    assert _json(replicated, path, stream) == _json(server, path, stream)     # nothing streamed: plain 4xx
 
 
-def test_32_concurrent_chat_requests_are_all_answered(replicated, single):
+def test_32_concurrent_chat_requests_are_all_answered(replicated, server):
     bodies = [{"messages": [{"role": "user", "content": f"question {i}: {PROMPT[i:]}"}], "max_tokens": 6,
                "temperature": 0} for i in range(32)]
-    expected = [_json(single, "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"] for b in bodies]
+    expected = [_json(server, "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"] for b in bodies]
     answers: list = [None] * len(bodies)
 
     def ask(i: int) -> None:
@@ -221,12 +205,12 @@ def _stream_lines(server, body: dict, begun: threading.Event, ended: threading.E
     return 200, events
 
 
-def test_a_killed_replica_loses_no_request_that_can_be_sent_again(replicated, single):
+def test_a_killed_replica_loses_no_request_that_can_be_sent_again(replicated, server):
     import ray
     from ray import serve
 
     bodies = [{"prompt": PROMPT[i % 2:], "max_tokens": 300, "temperature": 0} for i in range(10)]
-    expected = [_json(single, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies[:2]] * 5
+    expected = [_json(server, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies[:2]] * 5
     results: list = [None] * len(bodies)
     begun, ended = [threading.Event() for _ in bodies], [threading.Event() for _ in bodies]
 
